@@ -1,0 +1,193 @@
+//! Rendering a snapshot into named Envoy `Secret`s: a pure function.
+//!
+//! Names served (each renameable, like SPIRE's `default_svid_name`,
+//! `default_bundle_name` and `default_all_bundles_name`):
+//! - `default`: the default X.509-SVID as a `tls_certificate`;
+//! - each SVID's SPIFFE ID: that SVID as a `tls_certificate`;
+//! - `ROOTCA` and `ALL`: the own and every federated trust domain's bundle;
+//! - `spiffe://<trust-domain>`: one trust domain's bundle.
+//!
+//! Trust is rendered as Envoy's SPIFFE certificate validator (one entry per
+//! trust domain, sorted by name, no SAN matchers) or, in PEM mode, as a plain
+//! `trusted_ca` holding every root.
+
+use envoy_types::pb::envoy::config::core::v3::{
+    data_source::Specifier, DataSource, TypedExtensionConfig,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    secret, spiffe_cert_validator_config::TrustDomain as SpiffeTrustDomain,
+    CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate,
+};
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::util::pack_any;
+
+use crate::snapshot::{IdentitySnapshot, Svid, TrustBundle};
+
+/// Type URL of an Envoy v3 `Secret`, the only type this server serves.
+pub const SECRET_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// Name of Envoy's SPIFFE certificate validator extension.
+pub const SPIFFE_VALIDATOR_NAME: &str = "envoy.tls.cert_validator.spiffe";
+
+/// Prefix of the per-trust-domain bundle names.
+pub const TRUST_DOMAIN_PREFIX: &str = "spiffe://";
+
+/// The well-known secret names this server answers to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretNames {
+    /// The workload's default SVID (Istio: `default`).
+    pub default_svid: String,
+    /// The trust aggregate Istio asks for (Istio: `ROOTCA`).
+    pub default_bundle: String,
+    /// The same aggregate under a second name (SPIRE: `ALL`).
+    pub all_bundles: String,
+}
+
+impl Default for SecretNames {
+    fn default() -> Self {
+        Self {
+            default_svid: "default".into(),
+            default_bundle: "ROOTCA".into(),
+            all_bundles: "ALL".into(),
+        }
+    }
+}
+
+/// How trust bundles are rendered for one Envoy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrustFormat {
+    /// Envoy's SPIFFE certificate validator, one entry per trust domain.
+    Spiffe,
+    /// A `trusted_ca` with every root concatenated (no per-domain scoping).
+    Pem,
+}
+
+/// Renders the secret called `name`, or `None` when the snapshot cannot serve it (yet).
+pub fn render(
+    snapshot: &IdentitySnapshot,
+    names: &SecretNames,
+    format: TrustFormat,
+    name: &str,
+) -> Option<Secret> {
+    if name == names.default_svid {
+        return snapshot
+            .default_svid()
+            .map(|svid| tls_certificate(name, svid));
+    }
+    if name == names.default_bundle || name == names.all_bundles {
+        return validation_context(name, snapshot.bundles.iter(), format);
+    }
+    if let Some(td) = name.strip_prefix(TRUST_DOMAIN_PREFIX) {
+        if let Some(bundle) = snapshot.bundles.get_key_value(td) {
+            return validation_context(name, std::iter::once(bundle), format);
+        }
+    }
+    snapshot
+        .svids
+        .iter()
+        .find(|svid| svid.spiffe_id == name)
+        .map(|svid| tls_certificate(name, svid))
+}
+
+/// Every name the snapshot can serve now, sorted: what a wildcard subscription receives.
+pub fn available_names(snapshot: &IdentitySnapshot, names: &SecretNames) -> Vec<String> {
+    let mut all = Vec::new();
+    if snapshot.default_svid().is_some() {
+        all.push(names.default_svid.clone());
+    }
+    if !snapshot.bundles.is_empty() {
+        all.push(names.default_bundle.clone());
+        all.push(names.all_bundles.clone());
+    }
+    all.extend(
+        snapshot
+            .bundles
+            .keys()
+            .map(|td| format!("{TRUST_DOMAIN_PREFIX}{td}")),
+    );
+    all.extend(snapshot.svids.iter().map(|svid| svid.spiffe_id.clone()));
+    all.sort();
+    all.dedup();
+    all
+}
+
+/// Packs a secret as the `Any` Envoy expects in a discovery response.
+pub fn to_any(secret: Secret) -> Any {
+    pack_any(secret)
+}
+
+fn tls_certificate(name: &str, svid: &Svid) -> Secret {
+    Secret {
+        name: name.to_string(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: Some(inline(pem_certificates(&svid.chain_der))),
+            private_key: Some(inline(svid.private_key.to_pem())),
+            ..Default::default()
+        })),
+    }
+}
+
+fn validation_context<'a>(
+    name: &str,
+    bundles: impl Iterator<Item = (&'a String, &'a TrustBundle)>,
+    format: TrustFormat,
+) -> Option<Secret> {
+    let bundles: Vec<_> = bundles.filter(|(_, b)| !b.roots_der.is_empty()).collect();
+    if bundles.is_empty() {
+        return None;
+    }
+    let context = match format {
+        TrustFormat::Pem => {
+            let roots: Vec<Vec<u8>> = bundles
+                .iter()
+                .flat_map(|(_, b)| b.roots_der.iter().cloned())
+                .collect();
+            CertificateValidationContext {
+                trusted_ca: Some(inline(pem_certificates(&roots))),
+                ..Default::default()
+            }
+        }
+        TrustFormat::Spiffe => {
+            // `bundles` comes from a BTreeMap: sorted by name, no duplicates.
+            let trust_domains = bundles
+                .iter()
+                .map(|(td, bundle)| SpiffeTrustDomain {
+                    name: (*td).clone(),
+                    trust_bundle: Some(inline(pem_certificates(&bundle.roots_der))),
+                    ..Default::default()
+                })
+                .collect();
+            let config = SpiffeCertValidatorConfig {
+                trust_domains,
+                ..Default::default()
+            };
+            CertificateValidationContext {
+                custom_validator_config: Some(TypedExtensionConfig {
+                    name: SPIFFE_VALIDATOR_NAME.to_string(),
+                    typed_config: Some(pack_any(config)),
+                }),
+                ..Default::default()
+            }
+        }
+    };
+    Some(Secret {
+        name: name.to_string(),
+        r#type: Some(secret::Type::ValidationContext(context)),
+    })
+}
+
+fn inline(bytes: Vec<u8>) -> DataSource {
+    DataSource {
+        specifier: Some(Specifier::InlineBytes(bytes)),
+        ..Default::default()
+    }
+}
+
+fn pem_certificates(ders: &[Vec<u8>]) -> Vec<u8> {
+    let blocks: Vec<pem::Pem> = ders
+        .iter()
+        .map(|der| pem::Pem::new("CERTIFICATE", der.clone()))
+        .collect();
+    pem::encode_many(&blocks).into_bytes()
+}

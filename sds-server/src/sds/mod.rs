@@ -1,0 +1,399 @@
+//! The Envoy SDS v3 gRPC service: `StreamSecrets`, `DeltaSecrets`, `FetchSecrets`.
+//!
+//! Each stream runs in its own task, owns a pure state machine ([`sotw`] or
+//! [`delta`]) and reads only the shared snapshot channel. The node of a
+//! stream's first request is kept; its metadata may ask for PEM trust
+//! (`disable_spiffe_cert_validation`, as with SPIRE).
+
+pub mod delta;
+pub mod sotw;
+
+use std::fmt::Write as _;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
+use envoy_types::pb::google::protobuf::value::Kind;
+use futures::Stream;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::metrics::{Metrics, ProtocolLabel};
+use crate::render::{self, SecretNames, TrustFormat, SECRET_TYPE_URL};
+use crate::snapshot::Published;
+
+/// Node metadata key with which an Envoy asks for PEM trust instead of the SPIFFE validator.
+pub const DISABLE_SPIFFE_VALIDATION_KEY: &str = "disable_spiffe_cert_validation";
+
+/// What a stream does with one request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RequestVerdict {
+    /// Accepted; a response may now be due.
+    Apply,
+    /// Answers an older response (or a NACK of one); ignored.
+    Stale,
+    /// Envoy rejected the latest response.
+    Nack {
+        /// Envoy's explanation.
+        message: String,
+    },
+}
+
+/// Hands out nonces unique within this server process.
+#[derive(Debug, Default)]
+pub struct NonceSource(AtomicU64);
+
+impl NonceSource {
+    /// The next nonce.
+    pub fn next(&self) -> String {
+        (self.0.fetch_add(1, Ordering::Relaxed) + 1).to_string()
+    }
+}
+
+/// A short digest of named contents; changes whenever any content changes.
+pub fn content_version<'a>(items: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut hasher = Sha256::new();
+    for (name, bytes) in items {
+        hasher.update((name.len() as u64).to_be_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update((bytes.len() as u64).to_be_bytes());
+        hasher.update(bytes);
+    }
+    let digest = hasher.finalize();
+    digest[..8].iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The SDS service: shared, read-only state for every stream.
+#[derive(Debug, Clone)]
+pub struct SdsService {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    snapshots: watch::Receiver<Arc<Published>>,
+    names: SecretNames,
+    default_format: TrustFormat,
+    metrics: Arc<Metrics>,
+    nonces: NonceSource,
+    stream_ids: AtomicU64,
+}
+
+impl SdsService {
+    /// A service serving `names` from the snapshots published on `snapshots`.
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Published>>,
+        names: SecretNames,
+        default_format: TrustFormat,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                snapshots,
+                names,
+                default_format,
+                metrics,
+                nonces: NonceSource::default(),
+                stream_ids: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl Shared {
+    fn format_for(&self, node: Option<&Node>) -> TrustFormat {
+        let asks_for_pem = node
+            .and_then(|n| n.metadata.as_ref())
+            .and_then(|m| m.fields.get(DISABLE_SPIFFE_VALIDATION_KEY))
+            .and_then(|v| v.kind.as_ref())
+            .is_some_and(|kind| match kind {
+                Kind::BoolValue(b) => *b,
+                Kind::StringValue(s) => s.eq_ignore_ascii_case("true"),
+                _ => false,
+            });
+        if asks_for_pem {
+            TrustFormat::Pem
+        } else {
+            self.default_format
+        }
+    }
+
+    fn record_nack(&self, protocol: &'static str, names: &[String], message: &str) {
+        self.metrics
+            .nacks
+            .get_or_create(&ProtocolLabel { protocol })
+            .inc();
+        warn!(?names, error = %message, "Envoy rejected secrets (NACK); not resending the same content");
+    }
+
+    fn record_push(
+        &self,
+        protocol: &'static str,
+        published: &Published,
+        names: &[String],
+        version: &str,
+    ) {
+        self.metrics
+            .pushes
+            .get_or_create(&ProtocolLabel { protocol })
+            .inc();
+        self.metrics
+            .push_latency
+            .observe(published.at.elapsed().as_secs_f64());
+        debug!(?names, version, "pushed secrets");
+    }
+}
+
+fn check_type_url(type_url: &str) -> Result<(), Status> {
+    if type_url.is_empty() || type_url == SECRET_TYPE_URL {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "type_url {type_url:?} is not served here; only {SECRET_TYPE_URL}"
+        )))
+    }
+}
+
+/// Decrements the open-stream gauge when a stream task ends.
+struct OpenStream {
+    metrics: Arc<Metrics>,
+    protocol: &'static str,
+}
+
+impl OpenStream {
+    fn new(metrics: Arc<Metrics>, protocol: &'static str) -> Self {
+        metrics
+            .streams_open
+            .get_or_create(&ProtocolLabel { protocol })
+            .inc();
+        Self { metrics, protocol }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.metrics
+            .streams_open
+            .get_or_create(&ProtocolLabel {
+                protocol: self.protocol,
+            })
+            .dec();
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Outcome of one wake-up of a stream task.
+enum Event<R> {
+    Request(R),
+    Snapshot,
+    Closed,
+}
+
+async fn next_event<R>(
+    inbound: &mut Streaming<R>,
+    snapshots: &mut watch::Receiver<Arc<Published>>,
+) -> Event<R> {
+    tokio::select! {
+        message = inbound.message() => match message {
+            Ok(Some(request)) => Event::Request(request),
+            Ok(None) => Event::Closed,
+            Err(status) => {
+                debug!(%status, "stream ended by the client");
+                Event::Closed
+            }
+        },
+        changed = snapshots.changed() => match changed {
+            Ok(()) => Event::Snapshot,
+            Err(_) => Event::Closed,
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsService {
+    type StreamSecretsStream = ResponseStream<DiscoveryResponse>;
+    type DeltaSecretsStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let shared = Arc::clone(&self.inner);
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let id = shared.stream_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = tracing::info_span!("sds_stream", id, protocol = "sotw");
+        tokio::spawn(
+            async move {
+                let _open = OpenStream::new(Arc::clone(&shared.metrics), "sotw");
+                let mut snapshots = shared.snapshots.clone();
+                let mut state = sotw::SotwStream::new(shared.default_format);
+                let mut node_seen = false;
+                let mut names: Vec<String> = Vec::new();
+                loop {
+                    match next_event(&mut inbound, &mut snapshots).await {
+                        Event::Closed => break,
+                        Event::Snapshot => {}
+                        Event::Request(request) => {
+                            if let Err(status) = check_type_url(&request.type_url) {
+                                let _ = tx.send(Err(status)).await;
+                                break;
+                            }
+                            if !node_seen {
+                                node_seen = true;
+                                let node = request.node.as_ref();
+                                state.set_format(shared.format_for(node));
+                                info!(node = node.map(|n| n.id.as_str()).unwrap_or(""), names = ?request.resource_names, "SDS stream opened");
+                            }
+                            match state.on_request(&request) {
+                                RequestVerdict::Stale => {
+                                    debug!(nonce = %request.response_nonce, "ignoring request for an older response");
+                                    continue;
+                                }
+                                RequestVerdict::Nack { message } => {
+                                    shared.record_nack("sotw", &request.resource_names, &message)
+                                }
+                                RequestVerdict::Apply => {}
+                            }
+                            names = request.resource_names.clone();
+                        }
+                    }
+                    let published = Arc::clone(&snapshots.borrow_and_update());
+                    if let Some(response) = state.response(&published.snapshot, &shared.names, &shared.nonces) {
+                        shared.record_push("sotw", &published, &names, &response.version_info);
+                        if tx.send(Ok(response)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                info!("SDS stream closed");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let shared = Arc::clone(&self.inner);
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let id = shared.stream_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = tracing::info_span!("sds_stream", id, protocol = "delta");
+        tokio::spawn(
+            async move {
+                let _open = OpenStream::new(Arc::clone(&shared.metrics), "delta");
+                let mut snapshots = shared.snapshots.clone();
+                let mut state = delta::DeltaStream::new(shared.default_format);
+                let mut node_seen = false;
+                loop {
+                    match next_event(&mut inbound, &mut snapshots).await {
+                        Event::Closed => break,
+                        Event::Snapshot => {}
+                        Event::Request(request) => {
+                            if let Err(status) = check_type_url(&request.type_url) {
+                                let _ = tx.send(Err(status)).await;
+                                break;
+                            }
+                            if !node_seen {
+                                node_seen = true;
+                                let node = request.node.as_ref();
+                                state.set_format(shared.format_for(node));
+                                info!(node = node.map(|n| n.id.as_str()).unwrap_or(""), subscribe = ?request.resource_names_subscribe, "SDS delta stream opened");
+                            }
+                            match state.on_request(&request) {
+                                RequestVerdict::Stale => continue,
+                                RequestVerdict::Nack { message } => {
+                                    shared.record_nack("delta", &request.resource_names_subscribe, &message);
+                                    continue;
+                                }
+                                RequestVerdict::Apply => {}
+                            }
+                        }
+                    }
+                    let published = Arc::clone(&snapshots.borrow_and_update());
+                    if let Some(response) = state.response(&published.snapshot, &shared.names, &shared.nonces) {
+                        let mut names: Vec<String> = response.resources.iter().map(|r| r.name.clone()).collect();
+                        names.extend(response.removed_resources.iter().map(|n| format!("-{n}")));
+                        shared.record_push("delta", &published, &names, &response.system_version_info);
+                        if tx.send(Ok(response)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                info!("SDS delta stream closed");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let shared = &self.inner;
+        let request = request.into_inner();
+        check_type_url(&request.type_url)?;
+        let format = shared.format_for(request.node.as_ref());
+        let published = Arc::clone(&shared.snapshots.borrow());
+        let snapshot = &published.snapshot;
+        let requested: Vec<String> = request
+            .resource_names
+            .iter()
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .collect();
+        let requested = if requested.is_empty() {
+            render::available_names(snapshot, &shared.names)
+        } else {
+            requested
+        };
+        let mut resources = Vec::with_capacity(requested.len());
+        let mut missing = Vec::new();
+        for name in &requested {
+            match render::render(snapshot, &shared.names, format, name) {
+                Some(secret) => resources.push(render::to_any(secret)),
+                None => missing.push(name.as_str()),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(Status::not_found(format!(
+                "secrets not available: {missing:?}"
+            )));
+        }
+        shared
+            .metrics
+            .pushes
+            .get_or_create(&ProtocolLabel { protocol: "fetch" })
+            .inc();
+        Ok(Response::new(DiscoveryResponse {
+            version_info: String::new(),
+            resources,
+            type_url: request.type_url,
+            nonce: String::new(),
+            ..Default::default()
+        }))
+    }
+}
+
+/// The tonic server wrapper for [`SdsService`].
+pub fn server(
+    service: SdsService,
+) -> envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer<SdsService>{
+    envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer::new(service)
+}
