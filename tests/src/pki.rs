@@ -1,0 +1,158 @@
+//! A test PKI: one self-signed root CA per SPIFFE trust domain, issuing X.509-SVIDs.
+//!
+//! Certificates follow the X.509-SVID profile: the leaf has exactly one URI SAN
+//! (its SPIFFE ID), `digitalSignature`, no CA flag; the CA carries the trust
+//! domain's SPIFFE ID and `keyCertSign`.
+
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+/// One trust domain's certificate authority.
+pub struct TrustDomainCa {
+    trust_domain: String,
+    root_der: Vec<u8>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for TrustDomainCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustDomainCa")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An issued X.509-SVID (chain and PKCS#8 key, DER).
+#[derive(Clone)]
+pub struct IssuedSvid {
+    /// The SPIFFE ID in the URI SAN.
+    pub spiffe_id: String,
+    /// Leaf certificate, DER.
+    pub leaf_der: Vec<u8>,
+    /// PKCS#8 private key, DER.
+    pub key_der: Vec<u8>,
+    /// Serial number, lower-case hex, as Envoy's `/certs` prints it.
+    pub serial_hex: String,
+}
+
+impl std::fmt::Debug for IssuedSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedSvid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("serial_hex", &self.serial_hex)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IssuedSvid {
+    /// Leaf certificate as PEM.
+    pub fn cert_pem(&self) -> String {
+        pem::encode(&pem::Pem::new("CERTIFICATE", self.leaf_der.clone()))
+    }
+
+    /// Private key as PKCS#8 PEM.
+    pub fn key_pem(&self) -> String {
+        pem::encode(&pem::Pem::new("PRIVATE KEY", self.key_der.clone()))
+    }
+}
+
+impl TrustDomainCa {
+    /// A new root CA for `trust_domain` (e.g. `aws.company.com`).
+    pub fn new(trust_domain: &str) -> Self {
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{trust_domain} root CA"));
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Trustweave test PKI");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.subject_alt_names = vec![uri_san(&format!("spiffe://{trust_domain}"))];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(30);
+        params.serial_number = Some(random_serial());
+        let key = KeyPair::generate().expect("generate CA key");
+        let root = params.self_signed(&key).expect("self-sign CA");
+        Self {
+            trust_domain: trust_domain.to_string(),
+            root_der: root.der().to_vec(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// The trust domain name.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The root certificate, DER.
+    pub fn root_der(&self) -> &[u8] {
+        &self.root_der
+    }
+
+    /// The root certificate, PEM.
+    pub fn root_pem(&self) -> String {
+        pem::encode(&pem::Pem::new("CERTIFICATE", self.root_der.clone()))
+    }
+
+    /// Issues an X.509-SVID for `spiffe_id`, valid from a minute ago for `ttl`.
+    pub fn issue_svid(&self, spiffe_id: &str, ttl: Duration) -> IssuedSvid {
+        self.issue_with_uris(&[spiffe_id], ttl)
+    }
+
+    /// Issues a leaf whose URI SANs are exactly `uris` (tests use several to probe validators).
+    pub fn issue_with_uris(&self, uris: &[&str], ttl: Duration) -> IssuedSvid {
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "SPIRE");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+            KeyUsagePurpose::KeyAgreement,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.subject_alt_names = uris.iter().map(|u| uri_san(u)).collect();
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + time::Duration::try_from(ttl).expect("ttl fits");
+        let serial = random_serial();
+        let serial_hex = hex::encode(serial.as_ref());
+        params.serial_number = Some(serial);
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().expect("generate leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        IssuedSvid {
+            spiffe_id: uris.first().map(|s| s.to_string()).unwrap_or_default(),
+            leaf_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+            serial_hex,
+        }
+    }
+}
+
+fn uri_san(uri: &str) -> SanType {
+    SanType::URI(uri.try_into().expect("ASCII URI"))
+}
+
+/// A positive 16-byte serial (high bit clear, first byte non-zero) so its hex form is canonical.
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+    bytes[0] = (bytes[0] & 0x7f).max(1);
+    SerialNumber::from_slice(&bytes)
+}
