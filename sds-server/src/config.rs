@@ -215,7 +215,10 @@ mod tests {
     }
 
     fn parse(extra: &[&str]) -> Result<ServerConfig, ConfigError> {
-        let mut argv = vec!["t", "--workload-api-socket", "/run/agent.sock"];
+        let mut argv = vec!["t"];
+        if !extra.contains(&"--workload-api-socket") {
+            argv.extend(["--workload-api-socket", "/run/agent.sock"]);
+        }
         argv.extend_from_slice(extra);
         Cli::parse_from(argv).args.validate()
     }

