@@ -1,0 +1,260 @@
+//! The decision engine: pure Rust, no host calls. The proxy-wasm shim and the
+//! `trustweave-policy` CLI both call [`evaluate_http`] / [`evaluate_network`].
+
+pub mod annotate;
+pub mod config;
+pub mod decide;
+pub mod identity;
+pub mod metrics;
+pub mod pattern;
+pub mod policy;
+pub mod spiffe_id;
+pub mod xfcc;
+
+use annotate::NodeFacts;
+use config::{Config, Placement};
+use decide::{decide, Decision, Reason};
+use policy::{Caller, Facts, Local};
+
+/// The header Envoy uses for forwarded client certificates.
+pub const XFCC: &str = "x-forwarded-client-cert";
+/// Body of a denied request, as Envoy's RBAC filter writes it (existing tooling matches it).
+pub const DENY_BODY: &str = "RBAC: access denied";
+
+/// What the shim reads for one HTTP request.
+#[derive(Clone, Debug, Default)]
+pub struct HttpInput<'a> {
+    /// `connection.uri_san_peer_certificate` (first URI SAN only).
+    pub peer_uri_san: Option<&'a str>,
+    /// Request headers, lower-case names, including pseudo-headers.
+    pub headers: &'a [(String, String)],
+    /// Destination port.
+    pub port: Option<u32>,
+    /// TLS SNI.
+    pub sni: Option<&'a str>,
+    /// What Envoy's node and local certificate say about this hop.
+    pub node: NodeFacts,
+}
+
+/// What the shim does for one HTTP request.
+#[derive(Clone, Debug)]
+pub struct HttpOutcome {
+    /// The decision.
+    pub decision: Decision,
+    /// The caller, if established.
+    pub caller: Option<Caller>,
+    /// Why there is no identity, if there is none.
+    pub no_identity: Option<String>,
+    /// Headers to remove from the request (anti-spoofing), before anything is set.
+    pub remove: Vec<String>,
+    /// Headers to set on the request (annotation).
+    pub set: Vec<(String, String)>,
+    /// Response headers to add when denying.
+    pub deny_headers: Vec<(String, String)>,
+    /// One log line describing a denial or an unenforced dry-run/audit hit.
+    pub log: Option<String>,
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Evaluates one HTTP request.
+pub fn evaluate_http(config: &Config, input: &HttpInput<'_>) -> HttpOutcome {
+    let resolved = identity::resolve(config, input.peer_uri_san, header(input.headers, XFCC));
+    let trusted_peer = resolved.peer_is_trusted_gateway(config);
+    let annotator = &config.annotator;
+    let caller = resolved.caller.clone().map(|id| annotator.caller(id));
+    let local = annotator.local(&input.node);
+
+    // Anti-spoofing: what a downstream set is removed before evaluation, unless it is a trusted gateway.
+    let mut remove = Vec::new();
+    if !trusted_peer {
+        remove.extend(
+            annotator
+                .spoofable_headers()
+                .into_iter()
+                .map(str::to_string),
+        );
+        if config.placement == Placement::Sidecar {
+            remove.push(XFCC.to_string());
+        }
+    }
+    let visible: Vec<(String, String)> = input
+        .headers
+        .iter()
+        .filter(|(n, _)| !remove.contains(n))
+        .cloned()
+        .collect();
+    let path_and_query = header(&visible, ":path").unwrap_or("");
+    let path = path_and_query.split(['?', '#']).next().unwrap_or("");
+    let facts = Facts {
+        caller: caller.as_ref(),
+        local: Some(&local),
+        method: header(&visible, ":method").unwrap_or(""),
+        path,
+        host: header(&visible, ":authority")
+            .or_else(|| header(&visible, "host"))
+            .unwrap_or(""),
+        port: input.port,
+        headers: &visible,
+        action: header(&visible, &config.action_header),
+        sni: input.sni,
+    };
+    let decision = decide(config, &facts);
+
+    let mut set = Vec::new();
+    if decision.allowed {
+        for (name, value) in annotator.request_headers(caller.as_ref(), &local) {
+            match value {
+                Some(v) => set.push((name, v)),
+                None if !trusted_peer => {}
+                None => remove.push(name),
+            }
+        }
+        if let Some(baggage) = annotator.baggage(header(&visible, "baggage"), &local) {
+            set.push(("baggage".into(), baggage));
+        }
+    }
+    let mut deny_headers = Vec::new();
+    if let (false, Some(name), Some((policy, _))) = (
+        decision.allowed,
+        &config.deny_policy_header,
+        &decision.policy,
+    ) {
+        deny_headers.push((name.clone(), policy.clone()));
+    }
+    let log = describe(
+        &decision,
+        caller.as_ref(),
+        resolved.no_identity.as_deref(),
+        path,
+    );
+    HttpOutcome {
+        decision,
+        caller,
+        no_identity: resolved.no_identity,
+        remove,
+        set,
+        deny_headers,
+        log,
+    }
+}
+
+/// What the shim reads for one connection at L4.
+#[derive(Clone, Debug, Default)]
+pub struct NetworkInput<'a> {
+    /// `connection.uri_san_peer_certificate`.
+    pub peer_uri_san: Option<&'a str>,
+    /// `connection.requested_server_name`.
+    pub sni: Option<&'a str>,
+    /// Destination port.
+    pub port: Option<u32>,
+    /// What Envoy's node and local certificate say about this hop.
+    pub node: NodeFacts,
+}
+
+/// The verdict for one connection.
+#[derive(Clone, Debug)]
+pub struct NetworkOutcome {
+    /// The decision (for passthrough: the SNI allowlist's).
+    pub decision: Decision,
+    /// Why there is no identity, if there is none (identity placements).
+    pub no_identity: Option<String>,
+    /// One log line for a denial.
+    pub log: Option<String>,
+}
+
+/// Evaluates one connection: the SNI allowlist on a passthrough gateway, policies otherwise.
+pub fn evaluate_network(config: &Config, input: &NetworkInput<'_>) -> NetworkOutcome {
+    if config.placement == Placement::Passthrough {
+        let allowed = input
+            .sni
+            .is_some_and(|sni| config.sni_allowlist.matches(sni));
+        let decision = Decision {
+            allowed,
+            reason: if allowed {
+                Reason::AllowedByPolicy
+            } else {
+                Reason::NoAllowMatched
+            },
+            policy: None,
+            dry_run: Vec::new(),
+            audited: Vec::new(),
+        };
+        let log = (!allowed).then(|| {
+            format!(
+                "denied: SNI {:?} is not exported across networks",
+                input.sni.unwrap_or("")
+            )
+        });
+        return NetworkOutcome {
+            decision,
+            no_identity: None,
+            log,
+        };
+    }
+    let resolved = identity::resolve_network(input.peer_uri_san);
+    let caller = resolved
+        .caller
+        .clone()
+        .map(|id| config.annotator.caller(id));
+    let local: Local = config.annotator.local(&input.node);
+    let facts = Facts {
+        caller: caller.as_ref(),
+        local: Some(&local),
+        port: input.port,
+        sni: input.sni,
+        ..Default::default()
+    };
+    let decision = decide(config, &facts);
+    let log = describe(
+        &decision,
+        caller.as_ref(),
+        resolved.no_identity.as_deref(),
+        "",
+    );
+    NetworkOutcome {
+        decision,
+        no_identity: resolved.no_identity,
+        log,
+    }
+}
+
+/// The log line for a denial, or for a dry-run/audit hit; `None` for a plain allow.
+fn describe(
+    decision: &Decision,
+    caller: Option<&Caller>,
+    no_identity: Option<&str>,
+    path: &str,
+) -> Option<String> {
+    let who = caller.map_or("-", |c| c.id.as_str());
+    let td = caller.map_or("-", |c| c.id.trust_domain());
+    let policy = decision.policy.as_ref().map_or("-", |(p, _)| p.as_str());
+    let identity_note = no_identity
+        .map(|r| format!(" no_identity=\"{r}\""))
+        .unwrap_or_default();
+    let shadow = if decision.dry_run.is_empty() && decision.audited.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " dry_run={:?} audited={:?}",
+            decision.dry_run, decision.audited
+        )
+    };
+    if !decision.allowed {
+        Some(format!(
+            "denied caller={who} trust_domain={td} policy={policy} reason={:?} path={path}{identity_note}{shadow}",
+            decision.reason
+        ))
+    } else if !shadow.is_empty() {
+        Some(format!(
+            "allowed caller={who} trust_domain={td} policy={policy} path={path}{shadow}"
+        ))
+    } else {
+        None
+    }
+}

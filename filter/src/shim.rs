@@ -1,0 +1,254 @@
+//! The proxy-wasm shim: read what Envoy knows, call the engine, act.
+//!
+//! Nothing from the host or the network can panic here: every hostcall result
+//! is handled, missing properties are `None`, and an unconfigured or
+//! misconfigured plugin denies (fail closed).
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+
+use crate::engine::annotate::NodeFacts;
+use crate::engine::config::{self, Config, Layer};
+use crate::engine::metrics::{self, MetricSink};
+use crate::engine::{evaluate_http, evaluate_network, HttpInput, NetworkInput, DENY_BODY};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+/// Counter ids by name, defined once per configuration.
+#[derive(Default)]
+struct Counters(HashMap<String, u32>);
+
+impl MetricSink for &Counters {
+    fn increment(&mut self, name: &str) {
+        if let Some(id) = self.0.get(name) {
+            let _ = hostcalls::increment_metric(*id, 1);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Root {
+    state: Option<Rc<(Config, Counters)>>,
+}
+
+fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, &format!("trustweave-filter: {message}"));
+}
+
+fn property(path: &[&str]) -> Option<String> {
+    match hostcalls::get_property(path.to_vec()) {
+        Ok(Some(bytes)) if !bytes.is_empty() => String::from_utf8(bytes).ok(),
+        _ => None,
+    }
+}
+
+fn port_property(path: &[&str]) -> Option<u32> {
+    let bytes = hostcalls::get_property(path.to_vec()).ok()??;
+    let raw: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    u32::try_from(i64::from_le_bytes(raw)).ok()
+}
+
+fn node_facts() -> NodeFacts {
+    let node = |field: &[&str]| {
+        let mut xds = vec!["xds", "node"];
+        xds.extend_from_slice(field);
+        property(&xds).or_else(|| {
+            let mut legacy = vec!["node"];
+            legacy.extend_from_slice(field);
+            property(&legacy)
+        })
+    };
+    NodeFacts {
+        region: node(&["locality", "region"]),
+        zone: node(&["locality", "zone"]),
+        cloud: node(&["metadata", "CLOUD"]),
+        local_uri_san: property(&["connection", "uri_san_local_certificate"]),
+    }
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(bytes)) => bytes,
+            _ => Vec::new(),
+        };
+        let bytes = if bytes.is_empty() {
+            b"{}".to_vec()
+        } else {
+            bytes
+        };
+        match config::parse(&bytes) {
+            Ok(config) => {
+                let mut counters = Counters::default();
+                for name in metrics::all_names(&config) {
+                    if let Ok(id) = hostcalls::define_metric(MetricType::Counter, &name) {
+                        counters.0.insert(name, id);
+                    }
+                }
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "configured: {:?} {:?}, {} policies",
+                        config.placement,
+                        config.layer,
+                        config.policies.len()
+                    ),
+                );
+                self.state = Some(Rc::new((config, counters)));
+                true
+            }
+            Err(errors) => {
+                log(
+                    LogLevel::Critical,
+                    &format!("invalid configuration, refusing it: {errors}"),
+                );
+                self.state = None;
+                false
+            }
+        }
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        match self.state.as_deref().map(|(c, _)| c.layer) {
+            Some(Layer::Network) => Some(ContextType::StreamContext),
+            _ => Some(ContextType::HttpContext),
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(HttpFilter {
+            state: self.state.clone(),
+        }))
+    }
+
+    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(NetworkFilter {
+            state: self.state.clone(),
+            decided: false,
+        }))
+    }
+}
+
+struct HttpFilter {
+    state: Option<Rc<(Config, Counters)>>,
+}
+
+impl Context for HttpFilter {}
+
+impl HttpFilter {
+    fn deny(&self, extra: &[(String, String)]) -> Action {
+        let mut headers: Vec<(&str, &str)> = vec![("content-type", "text/plain")];
+        headers.extend(extra.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        if hostcalls::send_http_response(403, headers, Some(DENY_BODY.as_bytes())).is_err() {
+            log(LogLevel::Error, "could not send the 403 response");
+        }
+        Action::Pause
+    }
+}
+
+impl HttpContext for HttpFilter {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(state) = self.state.clone() else {
+            log(LogLevel::Error, "denied: plugin has no valid configuration");
+            return self.deny(&[]);
+        };
+        let (config, counters) = &*state;
+        let headers = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
+        let peer = property(&["connection", "uri_san_peer_certificate"]);
+        let sni = property(&["connection", "requested_server_name"]);
+        let input = HttpInput {
+            peer_uri_san: peer.as_deref(),
+            headers: &headers,
+            port: port_property(&["destination", "port"]),
+            sni: sni.as_deref(),
+            node: node_facts(),
+        };
+        let outcome = evaluate_http(config, &input);
+        metrics::record(
+            &outcome.decision,
+            outcome.no_identity.is_some(),
+            &mut &*counters,
+        );
+        if let Some(line) = &outcome.log {
+            log(LogLevel::Info, line);
+        }
+        if !outcome.decision.allowed {
+            return self.deny(&outcome.deny_headers);
+        }
+        for name in &outcome.remove {
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+        }
+        for (name, value) in &outcome.set {
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+        }
+        Action::Continue
+    }
+}
+
+struct NetworkFilter {
+    state: Option<Rc<(Config, Counters)>>,
+    decided: bool,
+}
+
+impl Context for NetworkFilter {}
+
+impl StreamContext for NetworkFilter {
+    fn on_downstream_data(&mut self, _data_size: usize, _end_of_stream: bool) -> Action {
+        if self.decided {
+            return Action::Continue;
+        }
+        // The first bytes arrive after any TLS handshake: the peer certificate is known now.
+        let allowed = match self.state.clone() {
+            None => {
+                log(
+                    LogLevel::Error,
+                    "denied connection: plugin has no valid configuration",
+                );
+                false
+            }
+            Some(state) => {
+                let (config, counters) = &*state;
+                let peer = property(&["connection", "uri_san_peer_certificate"]);
+                let sni = property(&["connection", "requested_server_name"]);
+                let input = NetworkInput {
+                    peer_uri_san: peer.as_deref(),
+                    sni: sni.as_deref(),
+                    port: port_property(&["destination", "port"]),
+                    node: node_facts(),
+                };
+                let outcome = evaluate_network(config, &input);
+                let mut sink = counters;
+                if config.placement == config::Placement::Passthrough {
+                    sink.increment(if outcome.decision.allowed {
+                        "trustweave.sni_allowed"
+                    } else {
+                        "trustweave.sni_denied"
+                    });
+                } else {
+                    metrics::record(&outcome.decision, outcome.no_identity.is_some(), &mut sink);
+                }
+                if let Some(line) = &outcome.log {
+                    log(LogLevel::Info, line);
+                }
+                outcome.decision.allowed
+            }
+        };
+        if allowed {
+            self.decided = true;
+            Action::Continue
+        } else {
+            // Nothing is passed on: the data stays here and the connection is closed.
+            let _ = hostcalls::close_downstream();
+            Action::Pause
+        }
+    }
+}
