@@ -56,7 +56,8 @@ pub async fn request(
     })
 }
 
-fn parse(raw: &[u8]) -> Option<HttpResponse> {
+/// Parses a raw HTTP/1.1 response (chunked bodies de-chunked).
+pub fn parse(raw: &[u8]) -> Option<HttpResponse> {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..split]);
     let body = &raw[split + 4..];
