@@ -33,6 +33,14 @@ pub fn example_policy_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../filter/examples/multi-cloud-policy.json")
 }
 
+/// The shipped HCM `tracing` block whose `custom_tags` put the annotations on spans.
+pub fn tracing_custom_tags() -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../filter/examples/tracing-custom-tags.json");
+    serde_json::from_slice(&std::fs::read(path).expect("tracing example"))
+        .expect("tracing example is JSON")
+}
+
 fn wasm_config(config_json: &str) -> Value {
     json!({
         "name": "trustweave",
@@ -159,6 +167,11 @@ fn hcm(stat_prefix: &str, forward_client_cert: &str, filters: Vec<Value>, cluste
     })
 }
 
+fn with_tracing(mut hcm: Value) -> Value {
+    hcm["typed_config"]["tracing"] = tracing_custom_tags();
+    hcm
+}
+
 fn router() -> Value {
     json!({ "name": "envoy.filters.http.router", "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } })
 }
@@ -199,7 +212,7 @@ pub fn sidecar(
         "address": loopback_any_port(),
         "filter_chains": [{
             "transport_socket": downstream_tls(svid, trusted),
-            "filters": [hcm("inbound", "APPEND_FORWARD", vec![http_filter(filter_json), router()], "app")]
+            "filters": [with_tracing(hcm("inbound", "APPEND_FORWARD", vec![http_filter(filter_json), router()], "app"))]
         }]
     });
     bootstrap(
