@@ -1,13 +1,14 @@
 //! Envoy configuration for trustweave-filter in each placement, as the tests run it.
 //!
-//! The filter's own configuration is JSON handed to the wasm plugin as a
-//! `StringValue` (what Istio's `WasmPlugin.pluginConfig` and an EnvoyFilter's
-//! wasm `configuration` become). Identities here are static inline
-//! certificates, so that these tests isolate the filter from SDS.
+//! The wasm filter entries are read from the EnvoyFilter resources in `istio/`
+//! (only the `.wasm` path is pointed at the build here), and so is each
+//! placement's `forward_client_cert_details`: the tests run what Istio patches
+//! in. Identities are static inline certificates, isolating the filter from SDS.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::pki::{IssuedSvid, TrustDomainCa};
@@ -28,11 +29,6 @@ pub fn wasm_path() -> PathBuf {
     path
 }
 
-/// The path of the shipped multi-cloud example policy (also the default in `istio/`).
-pub fn example_policy_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../filter/examples/multi-cloud-policy.json")
-}
-
 /// The shipped HCM `tracing` block whose `custom_tags` put the annotations on spans.
 pub fn tracing_custom_tags() -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -41,44 +37,75 @@ pub fn tracing_custom_tags() -> Value {
         .expect("tracing example is JSON")
 }
 
-fn wasm_config(config_json: &str) -> Value {
-    json!({
-        "name": "trustweave",
-        "root_id": "trustweave",
-        "vm_config": {
-            "vm_id": "trustweave",
-            "runtime": "envoy.wasm.runtime.v8",
-            "code": { "local": { "filename": wasm_path() } }
-        },
-        "configuration": {
-            "@type": "type.googleapis.com/google.protobuf.StringValue",
-            "value": config_json
-        },
-        "failure_policy": "FAIL_CLOSED"
-    })
+fn istio_documents(file: &str) -> Vec<Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../istio")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("YAML document"))
+        .collect()
 }
 
-/// The HTTP filter entry.
+fn config_patches(file: &str) -> Vec<Value> {
+    istio_documents(file)
+        .iter()
+        .flat_map(|doc| {
+            doc["spec"]["configPatches"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The wasm filter entry an Istio EnvoyFilter in `istio/` patches in, with its
+/// file path pointed at the filter built here. The tests run exactly this.
+pub fn istio_filter(file: &str) -> Value {
+    let mut entry = config_patches(file)
+        .into_iter()
+        .map(|patch| patch["patch"]["value"].clone())
+        .find(|value| value["name"].as_str().is_some_and(|n| n.ends_with(".wasm")))
+        .unwrap_or_else(|| panic!("istio/{file} patches in no wasm filter"));
+    entry["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = json!(wasm_path());
+    entry
+}
+
+/// The `forward_client_cert_details` an Istio EnvoyFilter in `istio/` merges into the HCM.
+pub fn istio_forward_client_cert(file: &str) -> String {
+    config_patches(file)
+        .iter()
+        .find_map(|p| {
+            p["patch"]["value"]["typed_config"]["forward_client_cert_details"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("istio/{file} sets no forward_client_cert_details"))
+}
+
+/// Istio's sidecar HTTP entry with another filter configuration (for focused tests).
 pub fn http_filter(config_json: &str) -> Value {
-    json!({
-        "name": "envoy.filters.http.wasm",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": wasm_config(config_json)
-        }
-    })
+    with_configuration(istio_filter(SIDECAR_HTTP), config_json)
 }
 
-/// The network filter entry.
+/// Istio's sidecar network entry with another filter configuration.
 pub fn network_filter(config_json: &str) -> Value {
-    json!({
-        "name": "envoy.filters.network.wasm",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm",
-            "config": wasm_config(config_json)
-        }
-    })
+    with_configuration(istio_filter(SIDECAR_NETWORK), config_json)
 }
+
+fn with_configuration(mut entry: Value, config_json: &str) -> Value {
+    entry["typed_config"]["config"]["configuration"]["value"] = json!(config_json);
+    entry
+}
+
+/// `istio/` file: sidecar inbound, HTTP.
+pub const SIDECAR_HTTP: &str = "envoyfilter-sidecar-http.yaml";
+/// `istio/` file: sidecar inbound, TCP.
+pub const SIDECAR_NETWORK: &str = "envoyfilter-sidecar-network.yaml";
+/// `istio/` file: TLS-terminating east-west gateway.
+pub const GATEWAY_HTTP: &str = "envoyfilter-gateway-http.yaml";
+/// `istio/` file: passthrough east-west gateway.
+pub const GATEWAY_SNI: &str = "envoyfilter-gateway-sni.yaml";
 
 fn inline(text: String) -> Value {
     json!({ "inline_string": text })
@@ -204,7 +231,7 @@ pub fn sidecar(
     node_extra: Value,
     svid: &IssuedSvid,
     trusted: &[&TrustDomainCa],
-    filter_json: &str,
+    filter: Value,
     upstream: SocketAddr,
 ) -> Value {
     let listener = json!({
@@ -212,7 +239,7 @@ pub fn sidecar(
         "address": loopback_any_port(),
         "filter_chains": [{
             "transport_socket": downstream_tls(svid, trusted),
-            "filters": [with_tracing(hcm("inbound", "APPEND_FORWARD", vec![http_filter(filter_json), router()], "app"))]
+            "filters": [with_tracing(hcm("inbound", &istio_forward_client_cert(SIDECAR_HTTP), vec![filter, router()], "app"))]
         }]
     });
     bootstrap(
@@ -228,7 +255,7 @@ pub fn sidecar(
 pub fn terminating_gateway(
     svid: &IssuedSvid,
     trusted: &[&TrustDomainCa],
-    filter_json: &str,
+    filter: Value,
     next_hop: SocketAddr,
 ) -> Value {
     let listener = json!({
@@ -236,7 +263,7 @@ pub fn terminating_gateway(
         "address": loopback_any_port(),
         "filter_chains": [{
             "transport_socket": downstream_tls(svid, trusted),
-            "filters": [hcm("gateway", "SANITIZE_SET", vec![http_filter(filter_json), router()], "next_hop")]
+            "filters": [hcm("gateway", &istio_forward_client_cert(GATEWAY_HTTP), vec![filter, router()], "next_hop")]
         }]
     });
     bootstrap(
@@ -255,7 +282,7 @@ pub fn terminating_gateway(
 pub fn tcp_with_identity(
     svid: &IssuedSvid,
     trusted: &[&TrustDomainCa],
-    filter_json: &str,
+    filter: Value,
     upstream: SocketAddr,
 ) -> Value {
     let listener = json!({
@@ -263,7 +290,7 @@ pub fn tcp_with_identity(
         "address": loopback_any_port(),
         "filter_chains": [{
             "transport_socket": downstream_tls(svid, trusted),
-            "filters": [network_filter(filter_json), tcp_proxy("upstream")]
+            "filters": [filter, tcp_proxy("upstream")]
         }]
     });
     bootstrap(
@@ -286,7 +313,7 @@ fn tcp_proxy(cluster: &str) -> Value {
 
 /// `AUTO_PASSTHROUGH` east-west gateway: TLS is not terminated; SNI is read by the
 /// TLS inspector, the filter allows or refuses the connection, `tcp_proxy` passes it on.
-pub fn passthrough_gateway(filter_json: &str, upstream: SocketAddr) -> Value {
+pub fn passthrough_gateway(filter: Value, upstream: SocketAddr) -> Value {
     let listener = json!({
         "name": LISTENER,
         "address": loopback_any_port(),
@@ -294,7 +321,7 @@ pub fn passthrough_gateway(filter_json: &str, upstream: SocketAddr) -> Value {
             "name": "envoy.filters.listener.tls_inspector",
             "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" }
         }],
-        "filter_chains": [{ "filters": [network_filter(filter_json), tcp_proxy("upstream")] }]
+        "filter_chains": [{ "filters": [filter, tcp_proxy("upstream")] }]
     });
     bootstrap(
         "eastwest-passthrough",

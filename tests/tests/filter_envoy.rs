@@ -52,8 +52,9 @@ impl Pki {
     }
 }
 
-fn example_policy() -> String {
-    std::fs::read_to_string(filter::example_policy_path()).expect("example policy")
+/// The shipped sidecar filter: the users' multi-cloud policy, as Istio patches it in.
+fn shipped_sidecar_filter() -> Value {
+    filter::istio_filter(filter::SIDECAR_HTTP)
 }
 
 fn gcp_node() -> Value {
@@ -101,7 +102,7 @@ async fn sidecar_enforces_the_multi_cloud_policy_and_annotates() {
         gcp_node(),
         &pki.svid(WORKER),
         &pki.all(),
-        &example_policy(),
+        shipped_sidecar_filter(),
         echo,
     );
     let (_envoy, addr) = start(&dir, "sidecar", &bootstrap).await;
@@ -187,7 +188,7 @@ async fn spoofed_headers_are_stripped_and_xfcc_from_untrusted_peers_ignored() {
         gcp_node(),
         &pki.svid(WORKER),
         &pki.all(),
-        &example_policy(),
+        shipped_sidecar_filter(),
         echo,
     );
     let (_envoy, addr) = start(&dir, "sidecar", &bootstrap).await;
@@ -236,7 +237,7 @@ async fn a_certificate_with_two_uri_sans_has_no_identity() {
         gcp_node(),
         &pki.svid(WORKER),
         &pki.all(),
-        &example_policy(),
+        shipped_sidecar_filter(),
         echo,
     );
     let (_envoy, addr) = start(&dir, "sidecar", &bootstrap).await;
@@ -268,14 +269,16 @@ async fn a_terminating_gateway_forwards_the_verified_caller_to_a_trusting_sideca
         gcp_node(),
         &pki.svid(WORKER),
         &pki.all(),
-        &example_policy(),
+        shipped_sidecar_filter(),
         echo,
     );
     let (_sidecar, sidecar_addr) = start(&dir, "sidecar", &sidecar).await;
-    let gateway_policy = r#"{"placement":"gateway","policies":[{"name":"federated-in","action":"ALLOW",
-        "rules":[{"from":{"trust_domains":["aws.company.com","azure.company.com"]}}]}]}"#;
-    let gateway =
-        filter::terminating_gateway(&pki.svid(GATEWAY), &pki.all(), gateway_policy, sidecar_addr);
+    let gateway = filter::terminating_gateway(
+        &pki.svid(GATEWAY),
+        &pki.all(),
+        filter::istio_filter(filter::GATEWAY_HTTP),
+        sidecar_addr,
+    );
     let (_gateway, gateway_addr) = start(&dir, "gateway", &gateway).await;
 
     // The sidecar decides on the caller the gateway verified, not on the gateway.
@@ -312,7 +315,7 @@ async fn dry_run_is_counted_in_envoy_stats_but_not_enforced() {
         gcp_node(),
         &pki.svid(WORKER),
         &pki.all(),
-        config,
+        filter::http_filter(config),
         echo,
     );
     let (envoy, addr) = start(&dir, "sidecar", &bootstrap).await;
@@ -356,7 +359,7 @@ async fn an_invalid_configuration_fails_closed_naming_the_field() {
         gcp_node(),
         &pki.svid(WORKER),
         &pki.all(),
-        config,
+        filter::http_filter(config),
         echo,
     );
     let mut envoy = Envoy::start("invalid", dir.path(), &bootstrap).await;
@@ -379,9 +382,13 @@ async fn l4_deny_closes_the_connection_before_any_byte_reaches_the_upstream() {
     let pki = Pki::new();
     let dir = sds::socket_dir();
     let counter = ByteCounter::start().await;
-    let config = r#"{"layer":"network","uri_san_check":"first_only","policies":[
-        {"name":"gcp-only","action":"ALLOW","rules":[{"from":{"trust_domains":["gcp.company.com"]}}]}]}"#;
-    let bootstrap = filter::tcp_with_identity(&pki.svid(WORKER), &pki.all(), config, counter.addr);
+    // The shipped L4 policy: same trust domain as this (GCP) workload only.
+    let bootstrap = filter::tcp_with_identity(
+        &pki.svid(WORKER),
+        &pki.all(),
+        filter::istio_filter(filter::SIDECAR_NETWORK),
+        counter.addr,
+    );
     let (envoy, addr) = start(&dir, "tcp", &bootstrap).await;
     let echoed = tls_client::exchange(addr, &pki.svid(GCP_PEER), b"hello", 5)
         .await
@@ -418,22 +425,22 @@ async fn passthrough_gateway_allows_only_exported_snis() {
         gcp_node(),
         &pki.svid(WORKER),
         &pki.all(),
-        open,
+        filter::http_filter(open),
         echo,
     );
     let (_sidecar, sidecar_addr) = start(&dir, "sidecar", &sidecar).await;
-    let exported = "outbound_.8080_._.inventory.gcp.svc.cluster.local";
-    let hidden = "outbound_.9090_._.secrets.gcp.svc.cluster.local";
-    let config = format!(
-        r#"{{"placement":"passthrough","layer":"network","sni_allowlist":["{exported}","*.public.svc.cluster.local"]}}"#
-    );
-    let gateway = filter::passthrough_gateway(&config, sidecar_addr);
+    // The shipped allowlist: one named service, and everything in namespace `exported`.
+    let exported = "outbound_.8080_._.inventory.shop.svc.cluster.local";
+    let hidden = "outbound_.9090_._.secrets.vault.svc.cluster.local";
+    let by_namespace = "outbound_.443_._.reports.exported.svc.cluster.local";
+    let gateway =
+        filter::passthrough_gateway(filter::istio_filter(filter::GATEWAY_SNI), sidecar_addr);
     let (gateway, gateway_addr) = start(&dir, "passthrough", &gateway).await;
     let client = filter::sni_client(
         &pki.svid(CATALOG),
         &pki.all(),
         gateway_addr,
-        &[exported, hidden],
+        &[exported, hidden, by_namespace],
     );
     let client = Envoy::start("client", dir.path(), &client).await;
     client.wait_live().await;
@@ -445,7 +452,11 @@ async fn passthrough_gateway_allows_only_exported_snis() {
         .await
         .expect("request");
     assert_eq!(blocked.status, 503, "{blocked:?}");
+    let namespace = trustweave_e2e::http::get(client.listener("sni2").await, "/", &[])
+        .await
+        .expect("request");
+    assert_eq!(namespace.status, 200, "{namespace:?}");
     let stats = gateway.admin_get("/stats?filter=trustweave.sni").await;
-    assert!(stats.contains("trustweave.sni_allowed: 1"), "{stats}");
+    assert!(stats.contains("trustweave.sni_allowed: 2"), "{stats}");
     assert!(stats.contains("trustweave.sni_denied: 1"), "{stats}");
 }
