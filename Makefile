@@ -23,9 +23,12 @@ wasm: setup
 demo: build
 	./target/debug/trustweave-demo
 
-## Every test: format, lints, unit tests, SDS protocol tests and real-Envoy end-to-end tests.
+## Every test: format, lints, unit tests, SDS protocol and real-Envoy end-to-end tests,
+## and the offline validation of manifests/ and istio/.
 test: setup lint wasm
+	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
+	python3 -m pytest -q tests/manifests
 
 lint:
 	cargo fmt --all --check

