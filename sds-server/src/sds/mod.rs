@@ -28,7 +28,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::metrics::{Metrics, ProtocolLabel};
 use crate::render::{self, SecretNames, TrustFormat, SECRET_TYPE_URL};
-use crate::snapshot::Published;
+use crate::snapshot::{IdentitySnapshot, Published};
 
 /// Node metadata key with which an Envoy asks for PEM trust instead of the SPIFFE validator.
 pub const DISABLE_SPIFFE_VALIDATION_KEY: &str = "disable_spiffe_cert_validation";
@@ -221,6 +221,160 @@ async fn next_event<R>(
     }
 }
 
+/// What differs between the state-of-the-world and the incremental protocol.
+trait Protocol: Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    /// Metric and log label.
+    const NAME: &'static str;
+    fn new(format: TrustFormat) -> Self;
+    fn set_format(&mut self, format: TrustFormat);
+    fn type_url(request: &Self::Request) -> &str;
+    fn node(request: &Self::Request) -> Option<&Node>;
+    /// The names a request is about, for logs.
+    fn names(request: &Self::Request) -> &[String];
+    fn on_request(&mut self, request: &Self::Request) -> RequestVerdict;
+    fn response(
+        &mut self,
+        snapshot: &IdentitySnapshot,
+        names: &SecretNames,
+        nonces: &NonceSource,
+    ) -> Option<Self::Response>;
+    /// Names and version of a response, for logs.
+    fn describe(response: &Self::Response) -> (Vec<String>, &str);
+}
+
+impl Protocol for sotw::SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const NAME: &'static str = "sotw";
+    fn new(format: TrustFormat) -> Self {
+        sotw::SotwStream::new(format)
+    }
+    fn set_format(&mut self, format: TrustFormat) {
+        sotw::SotwStream::set_format(self, format);
+    }
+    fn type_url(request: &DiscoveryRequest) -> &str {
+        &request.type_url
+    }
+    fn node(request: &DiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+    fn names(request: &DiscoveryRequest) -> &[String] {
+        &request.resource_names
+    }
+    fn on_request(&mut self, request: &DiscoveryRequest) -> RequestVerdict {
+        sotw::SotwStream::on_request(self, request)
+    }
+    fn response(
+        &mut self,
+        snapshot: &IdentitySnapshot,
+        names: &SecretNames,
+        nonces: &NonceSource,
+    ) -> Option<DiscoveryResponse> {
+        sotw::SotwStream::response(self, snapshot, names, nonces)
+    }
+    fn describe(response: &DiscoveryResponse) -> (Vec<String>, &str) {
+        (Vec::new(), &response.version_info)
+    }
+}
+
+impl Protocol for delta::DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const NAME: &'static str = "delta";
+    fn new(format: TrustFormat) -> Self {
+        delta::DeltaStream::new(format)
+    }
+    fn set_format(&mut self, format: TrustFormat) {
+        delta::DeltaStream::set_format(self, format);
+    }
+    fn type_url(request: &DeltaDiscoveryRequest) -> &str {
+        &request.type_url
+    }
+    fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+    fn names(request: &DeltaDiscoveryRequest) -> &[String] {
+        &request.resource_names_subscribe
+    }
+    fn on_request(&mut self, request: &DeltaDiscoveryRequest) -> RequestVerdict {
+        delta::DeltaStream::on_request(self, request)
+    }
+    fn response(
+        &mut self,
+        snapshot: &IdentitySnapshot,
+        names: &SecretNames,
+        nonces: &NonceSource,
+    ) -> Option<DeltaDiscoveryResponse> {
+        delta::DeltaStream::response(self, snapshot, names, nonces)
+    }
+    fn describe(response: &DeltaDiscoveryResponse) -> (Vec<String>, &str) {
+        let mut names: Vec<String> = response.resources.iter().map(|r| r.name.clone()).collect();
+        names.extend(response.removed_resources.iter().map(|n| format!("-{n}")));
+        (names, &response.system_version_info)
+    }
+}
+
+/// Runs one stream in its own task: requests and snapshot changes in, responses out.
+fn spawn_stream<P: Protocol>(
+    shared: Arc<Shared>,
+    mut inbound: Streaming<P::Request>,
+) -> ResponseStream<P::Response> {
+    let (tx, rx) = mpsc::channel(4);
+    let id = shared.stream_ids.fetch_add(1, Ordering::Relaxed) + 1;
+    let span = tracing::info_span!("sds_stream", id, protocol = P::NAME);
+    tokio::spawn(
+        async move {
+            let _open = OpenStream::new(Arc::clone(&shared.metrics), P::NAME);
+            let mut snapshots = shared.snapshots.clone();
+            let mut state = P::new(shared.default_format);
+            let mut node_seen = false;
+            let mut names: Vec<String> = Vec::new();
+            loop {
+                match next_event(&mut inbound, &mut snapshots).await {
+                    Event::Closed => break,
+                    Event::Snapshot => {}
+                    Event::Request(request) => {
+                        if let Err(status) = check_type_url(P::type_url(&request)) {
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                        if !node_seen {
+                            node_seen = true;
+                            let node = P::node(&request);
+                            state.set_format(shared.format_for(node));
+                            info!(node = node.map(|n| n.id.as_str()).unwrap_or(""), names = ?P::names(&request), "SDS stream opened");
+                        }
+                        match state.on_request(&request) {
+                            RequestVerdict::Stale => {
+                                debug!("ignoring a request that answers an older response");
+                                continue;
+                            }
+                            // Not resent: the response below only goes out if content changed.
+                            RequestVerdict::Nack { message } => shared.record_nack(P::NAME, P::names(&request), &message),
+                            RequestVerdict::Apply => {}
+                        }
+                        names = P::names(&request).to_vec();
+                    }
+                }
+                let published = Arc::clone(&snapshots.borrow_and_update());
+                if let Some(response) = state.response(&published.snapshot, &shared.names, &shared.nonces) {
+                    let (sent, version) = P::describe(&response);
+                    let sent = if sent.is_empty() { names.clone() } else { sent };
+                    shared.record_push(P::NAME, &published, &sent, version);
+                    if tx.send(Ok(response)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            info!("SDS stream closed");
+        }
+        .instrument(span),
+    );
+    Box::pin(ReceiverStream::new(rx))
+}
+
 #[tonic::async_trait]
 impl SecretDiscoveryService for SdsService {
     type StreamSecretsStream = ResponseStream<DiscoveryResponse>;
@@ -230,116 +384,20 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let shared = Arc::clone(&self.inner);
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(4);
-        let id = shared.stream_ids.fetch_add(1, Ordering::Relaxed) + 1;
-        let span = tracing::info_span!("sds_stream", id, protocol = "sotw");
-        tokio::spawn(
-            async move {
-                let _open = OpenStream::new(Arc::clone(&shared.metrics), "sotw");
-                let mut snapshots = shared.snapshots.clone();
-                let mut state = sotw::SotwStream::new(shared.default_format);
-                let mut node_seen = false;
-                let mut names: Vec<String> = Vec::new();
-                loop {
-                    match next_event(&mut inbound, &mut snapshots).await {
-                        Event::Closed => break,
-                        Event::Snapshot => {}
-                        Event::Request(request) => {
-                            if let Err(status) = check_type_url(&request.type_url) {
-                                let _ = tx.send(Err(status)).await;
-                                break;
-                            }
-                            if !node_seen {
-                                node_seen = true;
-                                let node = request.node.as_ref();
-                                state.set_format(shared.format_for(node));
-                                info!(node = node.map(|n| n.id.as_str()).unwrap_or(""), names = ?request.resource_names, "SDS stream opened");
-                            }
-                            match state.on_request(&request) {
-                                RequestVerdict::Stale => {
-                                    debug!(nonce = %request.response_nonce, "ignoring request for an older response");
-                                    continue;
-                                }
-                                RequestVerdict::Nack { message } => {
-                                    shared.record_nack("sotw", &request.resource_names, &message)
-                                }
-                                RequestVerdict::Apply => {}
-                            }
-                            names = request.resource_names.clone();
-                        }
-                    }
-                    let published = Arc::clone(&snapshots.borrow_and_update());
-                    if let Some(response) = state.response(&published.snapshot, &shared.names, &shared.nonces) {
-                        shared.record_push("sotw", &published, &names, &response.version_info);
-                        if tx.send(Ok(response)).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                info!("SDS stream closed");
-            }
-            .instrument(span),
-        );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(spawn_stream::<sotw::SotwStream>(
+            Arc::clone(&self.inner),
+            request.into_inner(),
+        )))
     }
 
     async fn delta_secrets(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let shared = Arc::clone(&self.inner);
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(4);
-        let id = shared.stream_ids.fetch_add(1, Ordering::Relaxed) + 1;
-        let span = tracing::info_span!("sds_stream", id, protocol = "delta");
-        tokio::spawn(
-            async move {
-                let _open = OpenStream::new(Arc::clone(&shared.metrics), "delta");
-                let mut snapshots = shared.snapshots.clone();
-                let mut state = delta::DeltaStream::new(shared.default_format);
-                let mut node_seen = false;
-                loop {
-                    match next_event(&mut inbound, &mut snapshots).await {
-                        Event::Closed => break,
-                        Event::Snapshot => {}
-                        Event::Request(request) => {
-                            if let Err(status) = check_type_url(&request.type_url) {
-                                let _ = tx.send(Err(status)).await;
-                                break;
-                            }
-                            if !node_seen {
-                                node_seen = true;
-                                let node = request.node.as_ref();
-                                state.set_format(shared.format_for(node));
-                                info!(node = node.map(|n| n.id.as_str()).unwrap_or(""), subscribe = ?request.resource_names_subscribe, "SDS delta stream opened");
-                            }
-                            match state.on_request(&request) {
-                                RequestVerdict::Stale => continue,
-                                RequestVerdict::Nack { message } => {
-                                    shared.record_nack("delta", &request.resource_names_subscribe, &message);
-                                    continue;
-                                }
-                                RequestVerdict::Apply => {}
-                            }
-                        }
-                    }
-                    let published = Arc::clone(&snapshots.borrow_and_update());
-                    if let Some(response) = state.response(&published.snapshot, &shared.names, &shared.nonces) {
-                        let mut names: Vec<String> = response.resources.iter().map(|r| r.name.clone()).collect();
-                        names.extend(response.removed_resources.iter().map(|n| format!("-{n}")));
-                        shared.record_push("delta", &published, &names, &response.system_version_info);
-                        if tx.send(Ok(response)).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                info!("SDS delta stream closed");
-            }
-            .instrument(span),
-        );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(spawn_stream::<delta::DeltaStream>(
+            Arc::clone(&self.inner),
+            request.into_inner(),
+        )))
     }
 
     async fn fetch_secrets(
