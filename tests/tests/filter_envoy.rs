@@ -92,20 +92,25 @@ fn one<'a>(headers: &'a BTreeMap<String, Vec<String>>, name: &str) -> Option<&'a
         .map(String::as_str)
 }
 
-#[tokio::test]
-async fn sidecar_enforces_the_multi_cloud_policy_and_annotates() {
-    let pki = Pki::new();
-    let dir = sds::socket_dir();
+/// A destination sidecar (this GCP worker) running `filter`, in front of the header echo.
+async fn sidecar(dir: &tempfile::TempDir, pki: &Pki, filter: Value) -> (Envoy, SocketAddr) {
     let echo = upstream::start_header_echo().await;
     let bootstrap = filter::sidecar(
         "worker",
         gcp_node(),
         &pki.svid(WORKER),
         &pki.all(),
-        shipped_sidecar_filter(),
+        filter,
         echo,
     );
-    let (_envoy, addr) = start(&dir, "sidecar", &bootstrap).await;
+    start(dir, "sidecar", &bootstrap).await
+}
+
+#[tokio::test]
+async fn sidecar_enforces_the_multi_cloud_policy_and_annotates() {
+    let pki = Pki::new();
+    let dir = sds::socket_dir();
+    let (_envoy, addr) = sidecar(&dir, &pki, shipped_sidecar_filter()).await;
 
     // Same trust domain: allowed, annotated, W3C baggage appended.
     let seen = received(
@@ -182,16 +187,7 @@ async fn sidecar_enforces_the_multi_cloud_policy_and_annotates() {
 async fn spoofed_headers_are_stripped_and_xfcc_from_untrusted_peers_ignored() {
     let pki = Pki::new();
     let dir = sds::socket_dir();
-    let echo = upstream::start_header_echo().await;
-    let bootstrap = filter::sidecar(
-        "worker",
-        gcp_node(),
-        &pki.svid(WORKER),
-        &pki.all(),
-        shipped_sidecar_filter(),
-        echo,
-    );
-    let (_envoy, addr) = start(&dir, "sidecar", &bootstrap).await;
+    let (_envoy, addr) = sidecar(&dir, &pki, shipped_sidecar_filter()).await;
     let stranger = pki.svid(STRANGER);
     let spoof_xfcc = format!("URI={ORCHESTRATOR}");
     let seen = received(
@@ -231,16 +227,7 @@ async fn spoofed_headers_are_stripped_and_xfcc_from_untrusted_peers_ignored() {
 async fn a_certificate_with_two_uri_sans_has_no_identity() {
     let pki = Pki::new();
     let dir = sds::socket_dir();
-    let echo = upstream::start_header_echo().await;
-    let bootstrap = filter::sidecar(
-        "worker",
-        gcp_node(),
-        &pki.svid(WORKER),
-        &pki.all(),
-        shipped_sidecar_filter(),
-        echo,
-    );
-    let (_envoy, addr) = start(&dir, "sidecar", &bootstrap).await;
+    let (_envoy, addr) = sidecar(&dir, &pki, shipped_sidecar_filter()).await;
     // First URI SAN in this sidecar's own trust domain: the same-trust-domain rule would allow it.
     let two = pki.gcp.issue_with_uris(&[GCP_PEER, ORCHESTRATOR], TTL);
     assert_eq!(call(addr, &two, "/invoices", &[]).await.status, 403);
@@ -263,16 +250,7 @@ async fn a_certificate_with_two_uri_sans_has_no_identity() {
 async fn a_terminating_gateway_forwards_the_verified_caller_to_a_trusting_sidecar() {
     let pki = Pki::new();
     let dir = sds::socket_dir();
-    let echo = upstream::start_header_echo().await;
-    let sidecar = filter::sidecar(
-        "worker",
-        gcp_node(),
-        &pki.svid(WORKER),
-        &pki.all(),
-        shipped_sidecar_filter(),
-        echo,
-    );
-    let (_sidecar, sidecar_addr) = start(&dir, "sidecar", &sidecar).await;
+    let (_sidecar, sidecar_addr) = sidecar(&dir, &pki, shipped_sidecar_filter()).await;
     let gateway = filter::terminating_gateway(
         &pki.svid(GATEWAY),
         &pki.all(),
@@ -306,19 +284,10 @@ async fn a_terminating_gateway_forwards_the_verified_caller_to_a_trusting_sideca
 async fn dry_run_is_counted_in_envoy_stats_but_not_enforced() {
     let pki = Pki::new();
     let dir = sds::socket_dir();
-    let echo = upstream::start_header_echo().await;
     let config = r#"{"default_action":"ALLOW","deny_policy_header":"x-trustweave-denied-by","policies":[
         {"name":"shadow-no-aws","action":"DENY","dry_run":true,"rules":[{"from":{"trust_domains":["aws.company.com"]}}]},
         {"name":"no-azure","action":"DENY","rules":[{"from":{"trust_domains":["azure.company.com"]}}]}]}"#;
-    let bootstrap = filter::sidecar(
-        "worker",
-        gcp_node(),
-        &pki.svid(WORKER),
-        &pki.all(),
-        filter::http_filter(config),
-        echo,
-    );
-    let (envoy, addr) = start(&dir, "sidecar", &bootstrap).await;
+    let (envoy, addr) = sidecar(&dir, &pki, filter::http_filter(config)).await;
     let seen = received(&call(addr, &pki.svid(CATALOG), "/items", &[]).await);
     // No `local` in this config: this hop's place comes from Envoy's node.
     assert_eq!(one(&seen, "x-trustweave-region"), Some("us-central1"));
@@ -418,17 +387,8 @@ async fn l4_deny_closes_the_connection_before_any_byte_reaches_the_upstream() {
 async fn passthrough_gateway_allows_only_exported_snis() {
     let pki = Pki::new();
     let dir = sds::socket_dir();
-    let echo = upstream::start_header_echo().await;
     let open = r#"{"default_action":"ALLOW"}"#;
-    let sidecar = filter::sidecar(
-        "worker",
-        gcp_node(),
-        &pki.svid(WORKER),
-        &pki.all(),
-        filter::http_filter(open),
-        echo,
-    );
-    let (_sidecar, sidecar_addr) = start(&dir, "sidecar", &sidecar).await;
+    let (_sidecar, sidecar_addr) = sidecar(&dir, &pki, filter::http_filter(open)).await;
     // The shipped allowlist: one named service, and everything in namespace `exported`.
     let exported = "outbound_.8080_._.inventory.shop.svc.cluster.local";
     let hidden = "outbound_.9090_._.secrets.vault.svc.cluster.local";
