@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENVOY_BIN = $(shell scripts/envoy-bin.sh)
 export ENVOY_BIN
 
-.PHONY: setup demo test lint build wasm
+.PHONY: setup demo test lint build wasm bench
 
 setup:
 	@scripts/setup.sh
@@ -34,3 +34,7 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p trustweave-filter --lib --target wasm32-wasip1 -- -D warnings
+
+## Benchmarks print figures side by side (no timing assertions in tests).
+bench:
+	cargo run --release -p trustweave-filter --example policy_size_bench
