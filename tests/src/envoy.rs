@@ -19,6 +19,7 @@ use crate::wait::wait_until;
 /// The Envoy binary to run.
 pub fn binary() -> PathBuf {
     std::env::var_os("ENVOY_BIN")
+        .filter(|bin| !bin.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("envoy"))
 }
