@@ -1,0 +1,49 @@
+//! `trustweave-sds` as operators run it: bad flags fail closed naming the flag;
+//! `inspect` explains an absent socket.
+
+use std::process::Command;
+
+fn sds(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_trustweave-sds"))
+        .args(args)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .output()
+        .expect("run trustweave-sds");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn invalid_configuration_fails_closed_naming_the_flag() {
+    let (code, err) = sds(&[]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("--workload-api-socket"), "{err}");
+    let (code, err) = sds(&[
+        "--workload-api-socket",
+        "/run/agent.sock",
+        "--socket-mode",
+        "0999",
+    ]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("invalid --socket-mode"), "{err}");
+    let (code, err) = sds(&[
+        "--workload-api-socket",
+        "/run/agent.sock",
+        "--rootca-format",
+        "der",
+    ]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("--rootca-format"), "{err}");
+}
+
+#[test]
+fn inspect_reports_an_absent_socket() {
+    let (code, err) = sds(&["inspect", "--sds-socket", "/nonexistent/trustweave/socket"]);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("cannot connect to SDS socket /nonexistent/trustweave/socket"),
+        "{err}"
+    );
+}
