@@ -73,6 +73,15 @@ pub fn report(any: &Any) -> SecretReport {
     report_secret(&secret.name.clone(), &secret)
 }
 
+/// The next message of a response stream; fails the test after 10 s or on a closed stream.
+async fn next_message<T>(responses: &mut Streaming<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .expect("a response within 10 s")
+        .expect("stream healthy")
+        .expect("stream open")
+}
+
 /// A state-of-the-world stream, driven request by request as Envoy would.
 pub struct SotwClient {
     requests: mpsc::Sender<DiscoveryRequest>,
@@ -138,11 +147,7 @@ impl SotwClient {
 
     /// The next response, failing the test if none comes within 10 s.
     pub async fn next(&mut self) -> DiscoveryResponse {
-        let response = tokio::time::timeout(Duration::from_secs(10), self.responses.message())
-            .await
-            .expect("a response within 10 s")
-            .expect("stream healthy")
-            .expect("stream open");
+        let response = next_message(&mut self.responses).await;
         self.last_nonce = response.nonce.clone();
         self.last_version = response.version_info.clone();
         response
@@ -203,11 +208,7 @@ impl DeltaClient {
 
     /// The next response, failing the test if none comes within 10 s.
     pub async fn next(&mut self) -> DeltaDiscoveryResponse {
-        let response = tokio::time::timeout(Duration::from_secs(10), self.responses.message())
-            .await
-            .expect("a response within 10 s")
-            .expect("stream healthy")
-            .expect("stream open");
+        let response = next_message(&mut self.responses).await;
         self.last_nonce = response.nonce.clone();
         response
     }

@@ -22,6 +22,13 @@ async fn status(addr: std::net::SocketAddr, path: &str) -> u16 {
         .unwrap_or(0)
 }
 
+async fn metrics(admin: std::net::SocketAddr) -> String {
+    http::get(admin, "/metrics", &[])
+        .await
+        .map(|r| r.body)
+        .unwrap_or_default()
+}
+
 async fn fetch_default(socket: &std::path::Path) -> Result<usize, tonic::Status> {
     sds::client(socket)
         .await
@@ -161,10 +168,7 @@ async fn metrics_cover_streams_pushes_latency_expiry_bundles_and_the_workload_ap
     stream.request(&["default"], None).await;
     stream.next().await;
     let admin = server.admin_addr().expect("admin");
-    let metrics = http::get(admin, "/metrics", &[])
-        .await
-        .expect("metrics")
-        .body;
+    let scraped = metrics(admin).await;
     for expected in [
         "trustweave_sds_streams_open{protocol=\"sotw\"} 1",
         "trustweave_sds_pushes_total{protocol=\"sotw\"} 1",
@@ -174,11 +178,11 @@ async fn metrics_cover_streams_pushes_latency_expiry_bundles_and_the_workload_ap
         "trustweave_sds_trust_bundle_cas{trust_domain=\"gcp.company.com\"} 1",
     ] {
         assert!(
-            metrics.contains(expected),
-            "missing {expected:?} in\n{metrics}"
+            scraped.contains(expected),
+            "missing {expected:?} in\n{scraped}"
         );
     }
-    let expiry: f64 = metrics
+    let expiry: f64 = scraped
         .lines()
         .find_map(|l| l.strip_prefix("trustweave_sds_svid_expiry_seconds "))
         .and_then(|v| v.trim().parse().ok())
@@ -191,10 +195,7 @@ async fn metrics_cover_streams_pushes_latency_expiry_bundles_and_the_workload_ap
         "aws bundle gone from metrics",
         Duration::from_secs(5),
         || async {
-            let body = http::get(admin, "/metrics", &[])
-                .await
-                .map(|r| r.body)
-                .unwrap_or_default();
+            let body = metrics(admin).await;
             !body.contains("aws.company.com") && body.contains("gcp.company.com")
         },
     )
@@ -204,10 +205,7 @@ async fn metrics_cover_streams_pushes_latency_expiry_bundles_and_the_workload_ap
         "stream closed in metrics",
         Duration::from_secs(5),
         || async {
-            let body = http::get(admin, "/metrics", &[])
-                .await
-                .map(|r| r.body)
-                .unwrap_or_default();
+            let body = metrics(admin).await;
             body.contains("trustweave_sds_streams_open{protocol=\"sotw\"} 0")
         },
     )
