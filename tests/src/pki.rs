@@ -16,6 +16,8 @@ use time::OffsetDateTime;
 pub struct TrustDomainCa {
     trust_domain: String,
     root_der: Vec<u8>,
+    /// Intermediate CAs between the root and leaves (DER), nearest the leaf first.
+    intermediates_der: Vec<Vec<u8>>,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -38,6 +40,8 @@ pub struct IssuedSvid {
     pub key_der: Vec<u8>,
     /// Serial number, lower-case hex, as Envoy's `/certs` prints it.
     pub serial_hex: String,
+    /// Intermediate CAs that complete the chain to the root (DER), nearest first.
+    pub intermediates_der: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for IssuedSvid {
@@ -50,9 +54,22 @@ impl std::fmt::Debug for IssuedSvid {
 }
 
 impl IssuedSvid {
-    /// Leaf certificate as PEM.
+    /// Leaf certificate and intermediates as PEM, leaf first.
     pub fn cert_pem(&self) -> String {
-        pem::encode(&pem::Pem::new("CERTIFICATE", self.leaf_der.clone()))
+        let chain: Vec<pem::Pem> = std::iter::once(&self.leaf_der)
+            .chain(&self.intermediates_der)
+            .map(|der| pem::Pem::new("CERTIFICATE", der.clone()))
+            .collect();
+        pem::encode_many(&chain)
+    }
+
+    /// Leaf certificate and intermediates as concatenated DER (the Workload API's `x509_svid`).
+    pub fn chain_der(&self) -> Vec<u8> {
+        std::iter::once(&self.leaf_der)
+            .chain(&self.intermediates_der)
+            .flatten()
+            .copied()
+            .collect()
     }
 
     /// Private key as PKCS#8 PEM.
@@ -61,32 +78,59 @@ impl IssuedSvid {
     }
 }
 
+fn ca_params(trust_domain: &str, name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{trust_domain} {name}"));
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Trustweave test PKI");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.subject_alt_names = vec![uri_san(&format!("spiffe://{trust_domain}"))];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(30);
+    params.serial_number = Some(random_serial());
+    params
+}
+
 impl TrustDomainCa {
-    /// A new root CA for `trust_domain` (e.g. `aws.company.com`).
+    /// A root CA for `trust_domain` that signs SVIDs through an intermediate CA,
+    /// as SPIRE does with an upstream authority; the bundle holds the root only.
+    pub fn with_intermediate(trust_domain: &str) -> Self {
+        let root_params = ca_params(trust_domain, "root CA");
+        let root_key = KeyPair::generate().expect("generate CA key");
+        let root = root_params.self_signed(&root_key).expect("self-sign CA");
+        let root_issuer = Issuer::new(root_params, root_key);
+        let mut params = ca_params(trust_domain, "intermediate CA");
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().expect("generate intermediate key");
+        let intermediate = params
+            .signed_by(&key, &root_issuer)
+            .expect("sign intermediate");
+        Self {
+            trust_domain: trust_domain.to_string(),
+            root_der: root.der().to_vec(),
+            intermediates_der: vec![intermediate.der().to_vec()],
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A new root CA for `trust_domain` (e.g. `aws.company.com`) that signs SVIDs directly.
     pub fn new(trust_domain: &str) -> Self {
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{trust_domain} root CA"));
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Trustweave test PKI");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.subject_alt_names = vec![uri_san(&format!("spiffe://{trust_domain}"))];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(30);
-        params.serial_number = Some(random_serial());
+        let params = ca_params(trust_domain, "root CA");
         let key = KeyPair::generate().expect("generate CA key");
         let root = params.self_signed(&key).expect("self-sign CA");
         Self {
             trust_domain: trust_domain.to_string(),
             root_der: root.der().to_vec(),
+            intermediates_der: Vec::new(),
             issuer: Issuer::new(params, key),
         }
     }
@@ -142,6 +186,7 @@ impl TrustDomainCa {
             leaf_der: cert.der().to_vec(),
             key_der: key.serialize_der(),
             serial_hex,
+            intermediates_der: self.intermediates_der.clone(),
         }
     }
 }

@@ -69,9 +69,14 @@ struct Mesh {
 }
 
 async fn mesh() -> Mesh {
+    mesh_with(TrustDomainCa::new("gcp.company.com")).await
+}
+
+/// The mesh, with the GCP trust domain's CA given.
+async fn mesh_with(gcp: TrustDomainCa) -> Mesh {
     let dir = sds::socket_dir();
     let aws = Arc::new(TrustDomainCa::new("aws.company.com"));
-    let gcp = Arc::new(TrustDomainCa::new("gcp.company.com"));
+    let gcp = Arc::new(gcp);
     let azure = Arc::new(TrustDomainCa::new("azure.company.com"));
 
     let mut server = Workload::start(&dir, "server", Arc::clone(&gcp), SERVER_ID).await;
@@ -292,4 +297,35 @@ async fn envoy_reconnects_after_the_sds_server_restarts() {
     .await;
     assert_eq!(call(&m.client_envoy).await.status, 200);
     let _ = &m.dir;
+}
+
+#[tokio::test]
+async fn svids_signed_by_an_intermediate_reach_envoy_as_full_chains() {
+    let gcp = TrustDomainCa::with_intermediate("gcp.company.com");
+    let intermediate = gcp_intermediate_serial(&gcp);
+    let m = mesh_with(gcp).await;
+    let ok = call(&m.client_envoy).await;
+    assert_eq!(
+        ok.status, 200,
+        "the AWS client verifies leaf → intermediate → GCP root: {ok:?}"
+    );
+    // What SDS hands Envoy: leaf then intermediate (Envoy's /certs shows only the leaf).
+    let reports = trustweave_sds::inspect::inspect(&m.server.sds_socket, &["default".into()])
+        .await
+        .expect("inspect");
+    let chain: Vec<String> = reports[0]
+        .certificates
+        .iter()
+        .map(|c| normalize_serial(&c.serial))
+        .collect();
+    let leaf = normalize_serial(&m.server.agent.current_svid().serial_hex);
+    assert_eq!(chain, vec![leaf.clone(), intermediate]);
+    assert!(m.server_envoy.cert_serials().await.contains(&leaf));
+}
+
+fn gcp_intermediate_serial(ca: &TrustDomainCa) -> String {
+    let svid = ca.issue_svid(SERVER_ID, Duration::from_secs(60));
+    let der = &svid.intermediates_der[0];
+    let report = trustweave_sds::snapshot::CertFacts::from_der(der).expect("intermediate parses");
+    normalize_serial(&report.serial_hex)
 }

@@ -40,7 +40,7 @@ impl Material {
         X509SvidResponse {
             svids: vec![X509Svid {
                 spiffe_id: self.svid.spiffe_id.clone(),
-                x509_svid: self.svid.leaf_der.clone(),
+                x509_svid: self.svid.chain_der(),
                 x509_svid_key: self.svid.key_der.clone(),
                 bundle: self.own_roots.concat(),
                 hint: String::new(),
