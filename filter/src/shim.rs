@@ -33,9 +33,16 @@ impl MetricSink for &Counters {
     }
 }
 
+/// One configuration: compiled policy, counter ids, and the node's place.
+struct State {
+    config: Config,
+    counters: Counters,
+    node: NodeFacts,
+}
+
 #[derive(Default)]
 struct Root {
-    state: Option<Rc<(Config, Counters)>>,
+    state: Option<Rc<State>>,
 }
 
 fn log(level: LogLevel, message: &str) {
@@ -55,7 +62,8 @@ fn port_property(path: &[&str]) -> Option<u32> {
     u32::try_from(i64::from_le_bytes(raw)).ok()
 }
 
-fn node_facts() -> NodeFacts {
+/// What Envoy's node says about this hop: fixed for the Envoy's life, read once per configuration.
+fn node_place() -> NodeFacts {
     let node = |field: &[&str]| {
         let mut xds = vec!["xds", "node"];
         xds.extend_from_slice(field);
@@ -69,7 +77,15 @@ fn node_facts() -> NodeFacts {
         region: node(&["locality", "region"]),
         zone: node(&["locality", "zone"]),
         cloud: node(&["metadata", "CLOUD"]),
+        local_uri_san: None,
+    }
+}
+
+/// The node's place plus this connection's own certificate URI SAN.
+fn node_facts(node: &NodeFacts) -> NodeFacts {
+    NodeFacts {
         local_uri_san: property(&["connection", "uri_san_local_certificate"]),
+        ..node.clone()
     }
 }
 
@@ -103,7 +119,11 @@ impl RootContext for Root {
                         config.policies.len()
                     ),
                 );
-                self.state = Some(Rc::new((config, counters)));
+                self.state = Some(Rc::new(State {
+                    config,
+                    counters,
+                    node: node_place(),
+                }));
                 true
             }
             Err(errors) => {
@@ -118,7 +138,7 @@ impl RootContext for Root {
     }
 
     fn get_type(&self) -> Option<ContextType> {
-        match self.state.as_deref().map(|(c, _)| c.layer) {
+        match self.state.as_deref().map(|state| state.config.layer) {
             Some(Layer::Network) => Some(ContextType::StreamContext),
             _ => Some(ContextType::HttpContext),
         }
@@ -139,7 +159,7 @@ impl RootContext for Root {
 }
 
 struct HttpFilter {
-    state: Option<Rc<(Config, Counters)>>,
+    state: Option<Rc<State>>,
 }
 
 impl Context for HttpFilter {}
@@ -161,7 +181,7 @@ impl HttpContext for HttpFilter {
             log(LogLevel::Error, "denied: plugin has no valid configuration");
             return self.deny(&[]);
         };
-        let (config, counters) = &*state;
+        let (config, counters) = (&state.config, &state.counters);
         let headers = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
         let peer = property(&["connection", "uri_san_peer_certificate"]);
         let sni = property(&["connection", "requested_server_name"]);
@@ -170,7 +190,7 @@ impl HttpContext for HttpFilter {
             headers: &headers,
             port: port_property(&["destination", "port"]),
             sni: sni.as_deref(),
-            node: node_facts(),
+            node: node_facts(&state.node),
         };
         let outcome = evaluate_http(config, &input);
         metrics::record(
@@ -195,7 +215,7 @@ impl HttpContext for HttpFilter {
 }
 
 struct NetworkFilter {
-    state: Option<Rc<(Config, Counters)>>,
+    state: Option<Rc<State>>,
     decided: bool,
 }
 
@@ -216,14 +236,14 @@ impl StreamContext for NetworkFilter {
                 false
             }
             Some(state) => {
-                let (config, counters) = &*state;
+                let (config, counters) = (&state.config, &state.counters);
                 let peer = property(&["connection", "uri_san_peer_certificate"]);
                 let sni = property(&["connection", "requested_server_name"]);
                 let input = NetworkInput {
                     peer_uri_san: peer.as_deref(),
                     sni: sni.as_deref(),
                     port: port_property(&["destination", "port"]),
-                    node: node_facts(),
+                    node: node_facts(&state.node),
                 };
                 let outcome = evaluate_network(config, &input);
                 let mut sink = counters;
