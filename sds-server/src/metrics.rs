@@ -52,8 +52,7 @@ pub struct Metrics {
 impl Metrics {
     /// Creates and registers every metric under the `trustweave_sds` prefix.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("trustweave_sds");
-        let metrics = Self {
+        let mut metrics = Self {
             streams_open: Family::default(),
             pushes: Family::default(),
             nacks: Family::default(),
@@ -61,8 +60,9 @@ impl Metrics {
             workload_api_connected: Gauge::default(),
             svid_expiry_seconds: Gauge::default(),
             bundle_cas: Family::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("trustweave_sds"),
         };
+        let registry = &mut metrics.registry;
         registry.register(
             "streams_open",
             "Open SDS streams",
@@ -94,10 +94,7 @@ impl Metrics {
             "CA certificates per trust domain",
             metrics.bundle_cas.clone(),
         );
-        Self {
-            registry,
-            ..metrics
-        }
+        metrics
     }
 
     /// Refreshes the snapshot-derived gauges and encodes everything in the text format.

@@ -176,10 +176,9 @@ fn log_change(old: &IdentitySnapshot, new: &IdentitySnapshot) {
             "X.509-SVID updated"
         );
     }
-    let old_domains: Vec<&String> = old.bundles.keys().collect();
-    let new_domains: Vec<&String> = new.bundles.keys().collect();
-    if old_domains != new_domains || old.bundles != new.bundles {
-        info!(trust_domains = ?new_domains, "trust bundles updated");
+    if old.bundles != new.bundles {
+        let trust_domains: Vec<&String> = new.bundles.keys().collect();
+        info!(?trust_domains, "trust bundles updated");
     }
 }
 
