@@ -2,7 +2,7 @@
 
 Core Kubernetes kinds are checked by `kubernetes-validate` in strict mode (unknown
 fields fail). Custom resources are checked against the OpenAPI v3 schemas of the
-real CRDs in ../shared/schemas (Istio, spire-controller-manager), made strict the
+real CRDs vendored in tests/manifests/schemas (Istio, spire-controller-manager), made strict the
 same way: an object that declares `properties` and does not preserve unknown
 fields rejects any other key.
 
@@ -22,7 +22,7 @@ import kubernetes_validate
 import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-SCHEMAS = REPO.parent / "shared" / "schemas"
+SCHEMAS = REPO / "tests" / "manifests" / "schemas"
 KUBERNETES_VERSION = "1.32"
 
 
