@@ -1,9 +1,12 @@
 //! The proxy-wasm shim: read what Envoy knows, call the engine, act.
 //!
 //! Nothing from the host or the network can panic here: every hostcall result
-//! is handled, missing properties are `None`, and an unconfigured or
-//! misconfigured plugin denies (fail closed).
+//! is handled, missing properties are `None`, header values are read as bytes
+//! (proxy-wasm's `get_map` decodes them as UTF-8 and unwraps: one 0xFF byte
+//! would trap the VM), and an unconfigured or misconfigured plugin denies
+//! (fail closed). Envoy is asked only for what the configuration's policies read.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -12,9 +15,12 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::engine::annotate::NodeFacts;
-use crate::engine::config::{self, Config, Layer};
+use crate::engine::certificate::CertCache;
+use crate::engine::config::{self, Config, Layer, UriSanCheck};
+use crate::engine::headers::Headers;
+use crate::engine::identity::{EnvoyCertificates, PeerFacts};
 use crate::engine::metrics::{self, MetricSink};
-use crate::engine::{evaluate_http, evaluate_network, HttpInput, NetworkInput, DENY_BODY};
+use crate::engine::{evaluate_http, evaluate_network, HttpInput, NetworkInput, DENY_BODY, XFCC};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -43,6 +49,8 @@ struct State {
 #[derive(Default)]
 struct Root {
     state: Option<Rc<State>>,
+    /// Parsed peer certificates by digest, shared by this worker's requests.
+    certificates: Rc<RefCell<CertCache>>,
 }
 
 fn log(level: LogLevel, message: &str) {
@@ -81,11 +89,15 @@ fn node_place() -> NodeFacts {
     }
 }
 
-/// The node's place plus this connection's own certificate URI SAN.
-fn node_facts(node: &NodeFacts) -> NodeFacts {
+/// The node's place, plus this connection's own certificate URI SAN when a policy reads it.
+fn node_facts(state: &State) -> NodeFacts {
     NodeFacts {
-        local_uri_san: property(&["connection", "uri_san_local_certificate"]),
-        ..node.clone()
+        local_uri_san: if state.config.reads.local_certificate {
+            property(&["connection", "uri_san_local_certificate"])
+        } else {
+            None
+        },
+        ..state.node.clone()
     }
 }
 
@@ -124,6 +136,7 @@ impl RootContext for Root {
                     counters,
                     node: node_place(),
                 }));
+                // Certificates parsed under the previous configuration stay valid facts.
                 true
             }
             Err(errors) => {
@@ -147,6 +160,7 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(HttpFilter {
             state: self.state.clone(),
+            certificates: Rc::clone(&self.certificates),
         }))
     }
 
@@ -160,6 +174,7 @@ impl RootContext for Root {
 
 struct HttpFilter {
     state: Option<Rc<State>>,
+    certificates: Rc<RefCell<CertCache>>,
 }
 
 impl Context for HttpFilter {}
@@ -182,17 +197,49 @@ impl HttpContext for HttpFilter {
             return self.deny(&[]);
         };
         let (config, counters) = (&state.config, &state.counters);
-        let headers = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
-        let peer = property(&["connection", "uri_san_peer_certificate"]);
-        let sni = property(&["connection", "requested_server_name"]);
-        let input = HttpInput {
-            peer_uri_san: peer.as_deref(),
-            headers: &headers,
-            port: port_property(&["destination", "port"]),
-            sni: sni.as_deref(),
-            node: node_facts(&state.node),
+        let headers =
+            Headers::new(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default());
+        let xfcc = headers.joined_text(XFCC);
+        let peer = match config.uri_san_check {
+            UriSanCheck::Xfcc => {
+                PeerFacts::Digest(property(&["connection", "sha256_peer_certificate_digest"]))
+            }
+            UriSanCheck::FirstOnly => {
+                PeerFacts::FirstUriSan(property(&["connection", "uri_san_peer_certificate"]))
+            }
         };
-        let outcome = evaluate_http(config, &input);
+        let input = HttpInput {
+            headers,
+            port: config
+                .reads
+                .port
+                .then(|| port_property(&["destination", "port"]))
+                .flatten(),
+            sni: config
+                .reads
+                .sni
+                .then(|| property(&["connection", "requested_server_name"]))
+                .flatten(),
+            node: node_facts(&state),
+        };
+        let Ok(mut cache) = self.certificates.try_borrow_mut() else {
+            log(LogLevel::Error, "denied: certificate cache in use");
+            return self.deny(&[]);
+        };
+        let parsed_before = cache.parsed;
+        let outcome = evaluate_http(
+            config,
+            input,
+            &mut EnvoyCertificates {
+                peer,
+                xfcc: xfcc.as_deref(),
+                cache: &mut cache,
+            },
+        );
+        if cache.parsed != parsed_before {
+            (&mut &*counters).increment("trustweave.peer_certificates_parsed");
+        }
+        drop(cache);
         metrics::record(
             &outcome.decision,
             outcome.no_identity.is_some(),
@@ -238,12 +285,20 @@ impl StreamContext for NetworkFilter {
             Some(state) => {
                 let (config, counters) = (&state.config, &state.counters);
                 let peer = property(&["connection", "uri_san_peer_certificate"]);
-                let sni = property(&["connection", "requested_server_name"]);
+                let sni = config
+                    .reads
+                    .sni
+                    .then(|| property(&["connection", "requested_server_name"]))
+                    .flatten();
                 let input = NetworkInput {
                     peer_uri_san: peer.as_deref(),
                     sni: sni.as_deref(),
-                    port: port_property(&["destination", "port"]),
-                    node: node_facts(&state.node),
+                    port: config
+                        .reads
+                        .port
+                        .then(|| port_property(&["destination", "port"]))
+                        .flatten(),
+                    node: node_facts(&state),
                 };
                 let outcome = evaluate_network(config, &input);
                 let mut sink = counters;

@@ -71,16 +71,24 @@ pub fn istio_filter(file: &str) -> Value {
     entry
 }
 
-/// The `forward_client_cert_details` an Istio EnvoyFilter in `istio/` merges into the HCM.
-pub fn istio_forward_client_cert(file: &str) -> String {
-    config_patches(file)
+/// The fields an Istio EnvoyFilter in `istio/` MERGEs into the typed config of
+/// the network filter `filter` (e.g. the HCM's XFCC and path normalization).
+pub fn istio_merged_fields(file: &str, filter: &str) -> serde_json::Map<String, Value> {
+    let mut fields = config_patches(file)
         .iter()
-        .find_map(|p| {
-            p["patch"]["value"]["typed_config"]["forward_client_cert_details"]
-                .as_str()
-                .map(str::to_string)
+        .find(|p| {
+            p["patch"]["operation"] == "MERGE"
+                && p["match"]["listener"]["filterChain"]["filter"]["name"] == filter
         })
-        .unwrap_or_else(|| panic!("istio/{file} sets no forward_client_cert_details"))
+        .and_then(|p| p["patch"]["value"]["typed_config"].as_object().cloned())
+        .unwrap_or_else(|| panic!("istio/{file} merges nothing into {filter}"));
+    fields.remove("@type");
+    fields
+}
+
+/// The HCM fields an Istio EnvoyFilter in `istio/` merges in.
+pub fn istio_hcm_fields(file: &str) -> serde_json::Map<String, Value> {
+    istio_merged_fields(file, "envoy.filters.network.http_connection_manager")
 }
 
 /// Istio's sidecar HTTP entry with another filter configuration (for focused tests).
@@ -174,15 +182,14 @@ fn loopback_any_port() -> Value {
     json!({ "socket_address": { "address": "127.0.0.1", "port_value": 0 } })
 }
 
-/// How the connection manager treats `x-forwarded-client-cert`, per placement (as Istio sets it).
-fn hcm(stat_prefix: &str, forward_client_cert: &str, filters: Vec<Value>, cluster: &str) -> Value {
-    json!({
+/// A connection manager with the fields `istio_file` merges in (XFCC handling,
+/// path normalization), or none (`None`, a plain client).
+fn hcm(stat_prefix: &str, istio_file: Option<&str>, filters: Vec<Value>, cluster: &str) -> Value {
+    let mut hcm = json!({
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": stat_prefix,
-            "forward_client_cert_details": forward_client_cert,
-            "set_current_client_cert_details": { "uri": true },
             "route_config": {
                 "virtual_hosts": [{
                     "name": "all", "domains": ["*"],
@@ -191,7 +198,13 @@ fn hcm(stat_prefix: &str, forward_client_cert: &str, filters: Vec<Value>, cluste
             },
             "http_filters": filters
         }
-    })
+    });
+    if let Some(file) = istio_file {
+        for (key, value) in istio_hcm_fields(file) {
+            hcm["typed_config"][key] = value;
+        }
+    }
+    hcm
 }
 
 fn with_tracing(mut hcm: Value) -> Value {
@@ -239,7 +252,7 @@ pub fn sidecar(
         "address": loopback_any_port(),
         "filter_chains": [{
             "transport_socket": downstream_tls(svid, trusted),
-            "filters": [with_tracing(hcm("inbound", &istio_forward_client_cert(SIDECAR_HTTP), vec![filter, router()], "app"))]
+            "filters": [with_tracing(hcm("inbound", Some(SIDECAR_HTTP), vec![filter, router()], "app"))]
         }]
     });
     bootstrap(
@@ -263,7 +276,7 @@ pub fn terminating_gateway(
         "address": loopback_any_port(),
         "filter_chains": [{
             "transport_socket": downstream_tls(svid, trusted),
-            "filters": [hcm("gateway", &istio_forward_client_cert(GATEWAY_HTTP), vec![filter, router()], "next_hop")]
+            "filters": [hcm("gateway", Some(GATEWAY_HTTP), vec![filter, router()], "next_hop")]
         }]
     });
     bootstrap(
@@ -290,7 +303,7 @@ pub fn tcp_with_identity(
         "address": loopback_any_port(),
         "filter_chains": [{
             "transport_socket": downstream_tls(svid, trusted),
-            "filters": [filter, tcp_proxy("upstream")]
+            "filters": [filter, sidecar_tcp_proxy("upstream")]
         }]
     });
     bootstrap(
@@ -299,6 +312,15 @@ pub fn tcp_with_identity(
         vec![listener],
         vec![cluster("upstream", upstream, None)],
     )
+}
+
+/// `tcp_proxy` with what Istio's sidecar network EnvoyFilter merges into it.
+fn sidecar_tcp_proxy(cluster: &str) -> Value {
+    let mut proxy = tcp_proxy(cluster);
+    for (key, value) in istio_merged_fields(SIDECAR_NETWORK, "envoy.filters.network.tcp_proxy") {
+        proxy["typed_config"][key] = value;
+    }
+    proxy
 }
 
 fn tcp_proxy(cluster: &str) -> Value {
@@ -345,7 +367,7 @@ pub fn sni_client(
         listeners.push(json!({
             "name": name,
             "address": loopback_any_port(),
-            "filter_chains": [{ "filters": [hcm(&name, "SANITIZE", vec![router()], &name)] }]
+            "filter_chains": [{ "filters": [hcm(&name, None, vec![router()], &name)] }]
         }));
         clusters.push(cluster(
             &name,

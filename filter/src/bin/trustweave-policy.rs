@@ -6,9 +6,9 @@
 //!   rule, and the annotations that would be added; exit 0 allow, 1 deny, 2 invalid.
 //!
 //! `check` runs the very engine the `.wasm` runs, as Envoy would feed it: the
-//! caller is the peer certificate's URI SAN, and Envoy's XFCC element for the
-//! direct peer is synthesised (with `--via-gateway`, the gateway is the peer and
-//! the caller is the element it forwarded).
+//! caller is a peer certificate whose one URI SAN is `--principal` (with
+//! `--via-gateway`, the gateway is the peer and `--principal` the caller it
+//! forwarded).
 
 #![forbid(unsafe_code)]
 
@@ -28,9 +28,9 @@ mod cli {
     use trustweave_filter::engine::annotate::NodeFacts;
     use trustweave_filter::engine::config::{self, Config, Layer};
     use trustweave_filter::engine::decide::Decision;
-    use trustweave_filter::engine::{
-        evaluate_http, evaluate_network, HttpInput, NetworkInput, XFCC,
-    };
+    use trustweave_filter::engine::headers::Headers;
+    use trustweave_filter::engine::identity::StatedCertificates;
+    use trustweave_filter::engine::{evaluate_http, evaluate_network, HttpInput, NetworkInput};
 
     /// Validate and try out trustweave-filter policies.
     #[derive(Parser, Debug)]
@@ -158,27 +158,26 @@ mod cli {
             (":authority".to_string(), args.host.clone()),
         ];
         headers.extend(args.headers.iter().cloned());
-        // What Envoy's connection manager appends for the direct peer (and what the gateway forwarded).
-        let mut xfcc = Vec::new();
-        if let (Some(_), Some(caller)) = (&args.via_gateway, &args.principal) {
-            xfcc.push(format!("URI={caller}"));
-        }
-        if let Some(peer) = peer {
-            xfcc.push(format!("URI={peer}"));
-        }
-        if !xfcc.is_empty() {
-            headers.retain(|(n, _)| n != XFCC);
-            headers.push((XFCC.to_string(), xfcc.join(",")));
-        }
+        // The peer's certificate as Envoy proved it; with --via-gateway the gateway
+        // is the peer and forwarded the caller's certificate.
+        let sans = |id: &String| Ok(vec![id.clone()]);
+        let mut certs = StatedCertificates {
+            peer: peer.map(|p| Ok(vec![p.to_string()])),
+            forwarded: args
+                .via_gateway
+                .as_ref()
+                .and(args.principal.as_ref())
+                .map(sans),
+        };
         let outcome = evaluate_http(
             config,
-            &HttpInput {
-                peer_uri_san: peer,
-                headers: &headers,
+            HttpInput {
+                headers: Headers::from_text(&headers),
                 port: args.port,
-                sni: args.sni.as_deref(),
+                sni: args.sni.clone(),
                 node,
             },
+            &mut certs,
         );
         print_decision(&outcome.decision, outcome.no_identity.as_deref());
         if let Some(caller) = &outcome.caller {

@@ -2,10 +2,13 @@
 //!
 //! This hop's place comes from Envoy's node (`locality.region`, `locality.zone`,
 //! node metadata `CLOUD`), overridable in config. The caller's place comes from
-//! a trust-domain map and/or a SPIFFE path template (the template wins, being
-//! more specific). Request headers name the caller and both places; W3C
-//! `baggage` gains OpenTelemetry's `cloud.provider` / `cloud.region` members
-//! for this hop, never replacing members already there, within W3C's limits.
+//! a trust-domain map and/or a SPIFFE path template; a place read from a path
+//! counts only where that trust domain's own entry lists it (`path_regions`,
+//! `path_clouds`), so a federated domain cannot claim another's region.
+//! Request headers name the caller and both places. The filter owns W3C
+//! `baggage`'s OpenTelemetry `cloud.provider` / `cloud.region` members: a
+//! client's are replaced by this hop's, other members are kept within W3C's
+//! limits.
 
 use std::collections::BTreeMap;
 
@@ -72,7 +75,28 @@ pub struct Place {
     pub cloud: Option<String>,
     /// Region, e.g. `us-east-1`.
     pub region: Option<String>,
+    /// Regions this trust domain's workloads may claim in their SPIFFE path
+    /// (`region_from_path`); a claim outside the list is ignored.
+    #[serde(default)]
+    pub path_regions: Vec<String>,
+    /// Clouds this trust domain's workloads may claim in their SPIFFE path.
+    #[serde(default)]
+    pub path_clouds: Vec<String>,
 }
+
+/// How the `baggage` header changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BaggageChange {
+    /// Leave it as it is.
+    Keep,
+    /// Replace every value with this one.
+    Set(String),
+    /// Remove it (it held only members the filter owns, and this hop has none).
+    Remove,
+}
+
+/// The baggage keys the filter owns.
+pub const OWNED_BAGGAGE_KEYS: [&str; 2] = ["cloud.provider", "cloud.region"];
 
 /// This hop's place as configured (each field overrides Envoy's node).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -176,19 +200,21 @@ pub struct Annotator {
 impl Annotator {
     /// The caller with its cloud and region resolved.
     pub fn caller(&self, id: SpiffeId) -> Caller {
-        let mapped = self
-            .trust_domains
-            .get(id.trust_domain())
-            .cloned()
-            .unwrap_or_default();
+        let entry = self.trust_domains.get(id.trust_domain());
         let captured = self
             .template
             .as_ref()
             .and_then(|t| t.capture(id.path()))
             .unwrap_or_default();
+        // A place claimed in the path counts only where the domain's own entry allows it.
+        let allowed = |claim: Option<String>, list: fn(&Place) -> &Vec<String>| {
+            claim.filter(|c| entry.is_some_and(|e| list(e).contains(c)))
+        };
+        let region = allowed(captured.region, |e| &e.path_regions);
+        let cloud = allowed(captured.cloud, |e| &e.path_clouds);
         Caller {
-            cloud: captured.cloud.or(mapped.cloud),
-            region: captured.region.or(mapped.region),
+            cloud: cloud.or_else(|| entry.and_then(|e| e.cloud.clone())),
+            region: region.or_else(|| entry.and_then(|e| e.region.clone())),
             id,
         }
     }
@@ -242,37 +268,60 @@ impl Annotator {
         ]
     }
 
-    /// The new `baggage` value, or `None` to leave the header as it is.
-    pub fn baggage(&self, existing: Option<&str>, local: &Local) -> Option<String> {
+    /// The new `baggage`: the client's members without the ones the filter
+    /// owns, then this hop's, within W3C's limits (other members are dropped
+    /// from the end when needed; this hop's are always kept).
+    pub fn baggage(&self, existing: Option<&str>, local: &Local) -> BaggageChange {
         if !self.baggage {
-            return None;
+            return BaggageChange::Keep;
         }
-        let existing = existing.map(str::trim).filter(|s| !s.is_empty());
-        let present: Vec<&str> = existing
-            .map(|s| {
-                s.split(',')
-                    .filter_map(|m| m.split(['=', ';']).next())
-                    .map(str::trim)
-                    .collect()
+        let owned: Vec<String> = OWNED_BAGGAGE_KEYS
+            .into_iter()
+            .zip([&local.cloud, &local.region])
+            .filter_map(|(key, value)| {
+                value
+                    .as_ref()
+                    .map(|v| format!("{key}={}", percent_encode(v)))
             })
-            .unwrap_or_default();
-        let mut added: Vec<String> = [
-            ("cloud.provider", &local.cloud),
-            ("cloud.region", &local.region),
-        ]
-        .into_iter()
-        .filter_map(|(key, value)| value.as_ref().map(|v| (key, v)))
-        .filter(|(key, _)| !present.contains(key))
-        .map(|(key, value)| format!("{key}={}", percent_encode(value)))
-        .collect();
-        if added.is_empty() {
-            return None;
+            .collect();
+        let members: Vec<&str> = existing
+            .into_iter()
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .collect();
+        let key_of = |m: &str| m.split(['=', ';']).next().unwrap_or("").trim().to_string();
+        let client_owned = members
+            .iter()
+            .any(|m| OWNED_BAGGAGE_KEYS.contains(&key_of(m).as_str()));
+        if owned.is_empty() && !client_owned {
+            return BaggageChange::Keep;
         }
-        let mut members: Vec<String> = existing.map(|s| vec![s.to_string()]).unwrap_or_default();
-        members.append(&mut added);
-        let value = members.join(",");
-        let count = value.split(',').count();
-        (count <= BAGGAGE_MAX_MEMBERS && value.len() <= BAGGAGE_MAX_BYTES).then_some(value)
+        let mut bytes: usize = owned.iter().map(|m| m.len() + 1).sum();
+        let mut kept: Vec<&str> = Vec::new();
+        for member in members
+            .iter()
+            .filter(|m| !OWNED_BAGGAGE_KEYS.contains(&key_of(m).as_str()))
+        {
+            if kept.len() + owned.len() + 1 > BAGGAGE_MAX_MEMBERS
+                || bytes + member.len() + 1 > BAGGAGE_MAX_BYTES + 1
+            {
+                break;
+            }
+            bytes += member.len() + 1;
+            kept.push(member);
+        }
+        let value = kept
+            .into_iter()
+            .map(str::to_string)
+            .chain(owned)
+            .collect::<Vec<_>>()
+            .join(",");
+        if value.is_empty() {
+            BaggageChange::Remove
+        } else {
+            BaggageChange::Set(value)
+        }
     }
 }
 
@@ -303,6 +352,7 @@ mod tests {
                 Place {
                     cloud: Some("aws".into()),
                     region: Some("us-east-1".into()),
+                    ..Place::default()
                 },
             )]
             .into_iter()
@@ -319,15 +369,16 @@ mod tests {
             (c.cloud.as_deref(), c.region.as_deref()),
             (Some("aws"), Some("us-east-1"))
         );
-        let c = a.caller(
-            SpiffeId::parse("spiffe://example.org/region/aws-us-east-1/agent").expect("id"),
+        let mut both = annotator(Some("/{cloud}/{region}"));
+        both.trust_domains.insert(
+            "x.org".into(),
+            Place {
+                path_regions: vec!["us-central1".into()],
+                path_clouds: vec!["gcp".into()],
+                ..Place::default()
+            },
         );
-        assert_eq!(
-            (c.cloud, c.region.as_deref()),
-            (None, Some("aws-us-east-1"))
-        );
-        let both = annotator(Some("/{cloud}/{region}"))
-            .caller(SpiffeId::parse("spiffe://x.org/gcp/us-central1/w").expect("id"));
+        let both = both.caller(SpiffeId::parse("spiffe://x.org/gcp/us-central1/w").expect("id"));
         assert_eq!(
             (both.cloud.as_deref(), both.region.as_deref()),
             (Some("gcp"), Some("us-central1"))
@@ -338,45 +389,81 @@ mod tests {
     }
 
     #[test]
-    fn baggage_appends_without_clobbering_and_within_limits() {
+    fn baggage_owned_members_are_replaced_others_kept_within_limits() {
         let a = annotator(None);
         let local = Local {
             cloud: Some("gcp".into()),
             region: Some("us-central1".into()),
             ..Default::default()
         };
+        let set = |v: &str| BaggageChange::Set(v.to_string());
         assert_eq!(
-            a.baggage(None, &local).as_deref(),
-            Some("cloud.provider=gcp,cloud.region=us-central1")
+            a.baggage(None, &local),
+            set("cloud.provider=gcp,cloud.region=us-central1")
         );
         assert_eq!(
-            a.baggage(Some("userId=alice, cloud.provider=aws;prop=1"), &local)
-                .as_deref(),
-            Some("userId=alice, cloud.provider=aws;prop=1,cloud.region=us-central1")
+            a.baggage(Some("userId=alice, cloud.provider=aws;prop=1"), &local),
+            set("userId=alice,cloud.provider=gcp,cloud.region=us-central1"),
+            "the client's cloud.provider is replaced"
         );
         assert_eq!(
-            a.baggage(Some("cloud.provider=aws,cloud.region=x"), &local),
-            None
+            a.baggage(Some("cloud.provider=aws,cloud.region=x"), &Local::default()),
+            BaggageChange::Remove,
+            "members the filter owns never pass through"
         );
-        let full: Vec<String> = (0..63).map(|i| format!("k{i}=v")).collect();
         assert_eq!(
-            a.baggage(Some(&full.join(",")), &local),
-            None,
-            "would exceed 64 members"
+            a.baggage(Some("k=v"), &Local::default()),
+            BaggageChange::Keep
         );
+        let full: Vec<String> = (0..70).map(|i| format!("k{i}=v")).collect();
+        let BaggageChange::Set(value) = a.baggage(Some(&full.join(",")), &local) else {
+            panic!("set")
+        };
+        assert_eq!(value.split(',').count(), BAGGAGE_MAX_MEMBERS);
+        assert!(value.ends_with("cloud.provider=gcp,cloud.region=us-central1"));
         let big = format!("k={}", "v".repeat(8180));
-        assert_eq!(
-            a.baggage(Some(&big), &local),
-            None,
-            "would exceed 8192 bytes"
-        );
+        let BaggageChange::Set(value) = a.baggage(Some(&big), &local) else {
+            panic!("set")
+        };
+        assert!(value.len() <= BAGGAGE_MAX_BYTES, "{}", value.len());
+        assert_eq!(value, "cloud.provider=gcp,cloud.region=us-central1");
         let spaced = Local {
             region: Some("eu west,1".into()),
             ..Default::default()
         };
+        assert_eq!(a.baggage(None, &spaced), set("cloud.region=eu%20west%2C1"));
+    }
+
+    #[test]
+    fn a_federated_domain_cannot_claim_another_region_in_its_path() {
+        let mut a = annotator(Some("/region/{region}"));
+        a.trust_domains.insert(
+            "gcp.company.com".into(),
+            Place {
+                cloud: Some("gcp".into()),
+                region: Some("us-central1".into()),
+                path_regions: vec!["us-central1".into(), "europe-west1".into()],
+                path_clouds: vec![],
+            },
+        );
+        let caller = |id: &str| a.caller(SpiffeId::parse(id).expect("id"));
         assert_eq!(
-            a.baggage(None, &spaced).as_deref(),
-            Some("cloud.region=eu%20west%2C1")
+            caller("spiffe://gcp.company.com/region/europe-west1/w")
+                .region
+                .as_deref(),
+            Some("europe-west1")
+        );
+        // aws.company.com's entry lists no path regions: its claim is ignored.
+        assert_eq!(
+            caller("spiffe://aws.company.com/region/us-central1/w")
+                .region
+                .as_deref(),
+            Some("us-east-1")
+        );
+        assert_eq!(
+            caller("spiffe://azure.company.com/region/us-central1/x").region,
+            None,
+            "no entry, no claim"
         );
     }
 }

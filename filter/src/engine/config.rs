@@ -42,9 +42,10 @@ pub enum Layer {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UriSanCheck {
-    /// Count the `URI=` entries of the element Envoy appends to
-    /// `x-forwarded-client-cert` for the direct peer (HCM
-    /// `set_current_client_cert_details.uri: true`); fail closed when absent.
+    /// Count the URI SANs of the peer's certificate itself: the `Cert=` that
+    /// Envoy writes into `x-forwarded-client-cert` (HCM
+    /// `set_current_client_cert_details.cert: true`), located by the
+    /// connection's certificate digest; no identity when it cannot be found.
     #[default]
     Xfcc,
     /// Trust the first URI SAN (documented risk: a second URI SAN goes unseen).
@@ -324,18 +325,104 @@ pub struct Config {
     pub annotator: Annotator,
     /// Passthrough SNI allowlist.
     pub sni_allowlist: PatternSet,
+    /// Which per-request facts the policies read (the shim asks Envoy for nothing else).
+    pub reads: Reads,
+}
+
+/// Per-request facts that cost a host call, and whether any policy reads them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// The destination port (`to.ports`).
+    pub port: bool,
+    /// The TLS SNI (`connection.sni` conditions, passthrough).
+    pub sni: bool,
+    /// This workload's own certificate (`local_principals`, or `same_trust_domain`
+    /// without `local.trust_domain`).
+    pub local_certificate: bool,
+}
+
+impl Reads {
+    fn of(raw: &RawConfig) -> Self {
+        let rules = || raw.policies.iter().flat_map(|p| &p.rules);
+        Self {
+            port: rules().any(|r| !r.to.ports.is_empty()),
+            sni: raw.placement == Placement::Passthrough
+                || rules().any(|r| r.when.iter().any(|c| c.key == "connection.sni")),
+            local_certificate: rules().any(|r| {
+                !r.to.local_principals.is_empty()
+                    || (r.from.same_trust_domain && raw.local.trust_domain.is_none())
+            }),
+        }
+    }
 }
 
 /// Parses and compiles a JSON document; errors name their fields.
 pub fn parse(json: &[u8]) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = serde_json::from_slice(json).map_err(|e| {
+    let document_error = |e: serde_json::Error| {
         // serde_json names the unknown field or wrong type, with line and column.
         ConfigErrors(vec![ConfigError {
             field: "(document)".into(),
             reason: e.to_string(),
         }])
-    })?;
+    };
+    let value: serde_json::Value = serde_json::from_slice(json).map_err(document_error)?;
+    let mut errors = Errors::default();
+    require_objects(&mut errors, &value);
+    if !errors.0.is_empty() {
+        return Err(ConfigErrors(errors.0));
+    }
+    let raw: RawConfig = serde_json::from_value(value).map_err(document_error)?;
     compile(&raw)
+}
+
+/// serde would also read a struct from a JSON array of its fields in order
+/// (`["sidecar","http","ALLOW"]`): only the documented object form is a configuration.
+fn require_objects(e: &mut Errors, root: &serde_json::Value) {
+    use serde_json::Value;
+    fn object(e: &mut Errors, field: &str, value: Option<&Value>) {
+        if let Some(v) = value.filter(|v| !v.is_object() && !v.is_null()) {
+            let kind = if v.is_array() {
+                "an array"
+            } else {
+                "not an object"
+            };
+            e.add(
+                field,
+                format!("is {kind}; expected an object with named fields"),
+            );
+        }
+    }
+    fn each(value: Option<&Value>) -> impl Iterator<Item = (usize, &Value)> {
+        value
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+    }
+    if !root.is_object() {
+        object(e, "(document)", Some(root));
+        return;
+    }
+    object(e, "local", root.get("local"));
+    object(e, "headers", root.get("headers"));
+    object(e, "trust_domains", root.get("trust_domains"));
+    if let Some(map) = root.get("trust_domains").and_then(Value::as_object) {
+        for (td, place) in map {
+            object(e, &format!("trust_domains.{td}"), Some(place));
+        }
+    }
+    for (p, policy) in each(root.get("policies")) {
+        object(e, &format!("policies[{p}]"), Some(policy));
+        for (r, rule) in each(policy.get("rules")) {
+            let at = format!("policies[{p}].rules[{r}]");
+            object(e, &at, Some(rule));
+            object(e, &format!("{at}.from"), rule.get("from"));
+            object(e, &format!("{at}.to"), rule.get("to"));
+            for (w, when) in each(rule.get("when")) {
+                object(e, &format!("{at}.when[{w}]"), Some(when));
+            }
+        }
+    }
 }
 
 /// Compiles a parsed document, collecting every error.
@@ -454,6 +541,7 @@ pub fn compile(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             template,
         },
         sni_allowlist,
+        reads: Reads::of(raw),
     })
 }
 
@@ -540,7 +628,14 @@ fn compile_rule(e: &mut Errors, at: &str, rule: &RawRule, layer: Layer) -> Compi
         paths: e.patterns(&format!("{at}.to.paths"), &t.paths),
         not_paths: e.patterns(&format!("{at}.to.not_paths"), &t.not_paths),
         methods: t.methods.clone(),
-        hosts: e.patterns(&format!("{at}.to.hosts"), &t.hosts),
+        // Hosts compare case-insensitively, as in Istio (CVE-2021-39155).
+        hosts: e.patterns(
+            &format!("{at}.to.hosts"),
+            &t.hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect::<Vec<_>>(),
+        ),
         ports: t.ports.clone(),
         headers,
         actions: e.patterns(&format!("{at}.to.actions"), &t.actions),

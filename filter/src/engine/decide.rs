@@ -110,6 +110,7 @@ mod tests {
     use super::*;
     use crate::engine::annotate::Place;
     use crate::engine::config::parse;
+    use crate::engine::headers::Headers;
     use crate::engine::policy::{Caller, Local};
     use crate::engine::spiffe_id::SpiffeId;
 
@@ -133,15 +134,22 @@ mod tests {
     fn run(config: &str, who: Option<&Caller>, path: &str, action: Option<&str>) -> Decision {
         let config = parse(config.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
         let local = local();
+        let headers = Headers::from_text(
+            &action
+                .map(|a| ("x-trustweave-action", a))
+                .into_iter()
+                .collect::<Vec<_>>(),
+        );
         let facts = Facts {
             caller: who,
             local: Some(&local),
-            method: "GET",
-            path,
-            host: "svc.local:8080",
+            method: Some(Some("GET")),
+            path: Some(Some(path)),
+            host: Some(Some("svc.local:8080")),
             port: Some(8080),
-            action,
-            ..Default::default()
+            headers: &headers,
+            action_header: &config.action_header,
+            ..Facts::default()
         };
         decide(&config, &facts)
     }

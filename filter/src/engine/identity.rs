@@ -1,23 +1,97 @@
 //! Who is calling: the direct peer's certificate, or a trusted gateway's forwarded caller.
 //!
-//! The peer is the URI SAN Envoy reports (`connection.uri_san_peer_certificate`,
-//! the first one only). With `uri_san_check: xfcc` the last element of
-//! `x-forwarded-client-cert` — the one Envoy itself appends for the direct peer
-//! when its HTTP connection manager has `set_current_client_cert_details.uri` —
-//! must list exactly that one URI SAN; a certificate with several yields no
-//! identity. When the peer is a trusted gateway, the element before it names
-//! the caller the gateway verified. DNS SANs and the subject are never used.
+//! An identity is a certificate with exactly one URI SAN that is a SPIFFE ID
+//! with a non-root path (X509-SVID). Anything else — no certificate, two URI
+//! SANs, a bare trust domain, a certificate that cannot be located — is *no
+//! identity*, never a guess. DNS SANs and the subject are never used.
+//!
+//! The URI SANs come from the certificate itself (see [`super::certificate`]);
+//! with `uri_san_check: first_only` (the only choice at L4) the first URI SAN
+//! Envoy reports stands for the whole certificate.
 
-use super::config::{Config, UriSanCheck};
+use super::certificate::{self, CertCache, CertSans};
+use super::config::Config;
 use super::spiffe_id::SpiffeId;
-use super::xfcc;
+
+/// Where the identity facts of one request come from.
+pub trait PeerCertificates {
+    /// The direct peer's URI SANs; `None` when it presented no certificate.
+    fn peer(&mut self) -> Option<CertSans>;
+    /// The URI SANs of the caller a trusted gateway forwarded (asked only when
+    /// the peer is a trusted gateway); `None` when it forwarded none.
+    fn forwarded(&mut self) -> Option<CertSans>;
+}
+
+/// Certificates stated outright (tests and `trustweave-policy check`).
+#[derive(Clone, Debug, Default)]
+pub struct StatedCertificates {
+    /// The direct peer's URI SANs.
+    pub peer: Option<CertSans>,
+    /// The forwarded caller's URI SANs.
+    pub forwarded: Option<CertSans>,
+}
+
+impl PeerCertificates for StatedCertificates {
+    fn peer(&mut self) -> Option<CertSans> {
+        self.peer.clone()
+    }
+    fn forwarded(&mut self) -> Option<CertSans> {
+        self.forwarded.clone()
+    }
+}
+
+/// How the shim learned about the direct peer.
+#[derive(Clone, Debug)]
+pub enum PeerFacts {
+    /// `connection.sha256_peer_certificate_digest` (`None`: no client certificate).
+    Digest(Option<String>),
+    /// `connection.uri_san_peer_certificate` (`uri_san_check: first_only`).
+    FirstUriSan(Option<String>),
+}
+
+/// What Envoy tells the filter, resolved to certificates through a per-worker cache.
+pub struct EnvoyCertificates<'a> {
+    /// What Envoy said about the peer.
+    pub peer: PeerFacts,
+    /// The request's `x-forwarded-client-cert`, all values joined.
+    pub xfcc: Option<&'a str>,
+    /// Parsed certificates by digest.
+    pub cache: &'a mut CertCache,
+}
+
+impl PeerCertificates for EnvoyCertificates<'_> {
+    fn peer(&mut self) -> Option<CertSans> {
+        match &self.peer {
+            PeerFacts::FirstUriSan(uri) => uri
+                .as_ref()
+                .filter(|u| !u.is_empty())
+                .map(|u| Ok(vec![u.clone()])),
+            PeerFacts::Digest(digest) => {
+                let digest = digest.as_deref().filter(|d| !d.is_empty())?;
+                let xfcc = self.xfcc;
+                Some(
+                    self.cache
+                        .get_or_insert(digest, || certificate::locate_peer(xfcc, digest)),
+                )
+            }
+        }
+    }
+
+    fn forwarded(&mut self) -> Option<CertSans> {
+        let forwarded = certificate::forwarded_by_gateway(self.xfcc)?;
+        Some(match forwarded.hash {
+            Some(hash) => self.cache.get_or_insert(hash, || forwarded.sans()),
+            None => forwarded.sans(),
+        })
+    }
+}
 
 /// The result of resolving the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {
     /// The caller, if an identity was established.
     pub caller: Option<SpiffeId>,
-    /// The direct peer, if it presented a valid SPIFFE ID.
+    /// The direct peer, if it presented a valid identity.
     pub peer: Option<SpiffeId>,
     /// Whether the caller was forwarded by a trusted gateway.
     pub via_gateway: bool,
@@ -43,33 +117,33 @@ impl Resolved {
     }
 }
 
-/// Resolves the caller from the peer's first URI SAN and the XFCC header (HTTP only).
-pub fn resolve(config: &Config, peer_uri_san: Option<&str>, xfcc_header: Option<&str>) -> Resolved {
-    let Some(first) = peer_uri_san.filter(|s| !s.is_empty()) else {
-        return Resolved::none(None, "no peer certificate URI SAN");
+/// The workload identity of a certificate: exactly one URI SAN, a SPIFFE ID with a path.
+pub fn workload_identity(sans: &CertSans) -> Result<SpiffeId, String> {
+    let sans = sans.as_ref().map_err(Clone::clone)?;
+    let [only] = sans.as_slice() else {
+        return Err(format!(
+            "certificate has {} URI SANs; exactly one is required",
+            sans.len()
+        ));
     };
-    let peer = match SpiffeId::parse(first) {
-        Ok(id) => id,
-        Err(e) => return Resolved::none(None, format!("peer URI SAN is not a SPIFFE ID: {e}")),
-    };
-    let elements = xfcc_header.map(xfcc::parse).unwrap_or_default();
-    let direct = elements
-        .last()
-        .filter(|e| e.uris.first().map(String::as_str) == Some(first));
-    if config.uri_san_check == UriSanCheck::Xfcc {
-        match direct {
-            None => {
-                return Resolved::none(
-                    Some(peer),
-                    "cannot count the peer's URI SANs: x-forwarded-client-cert lacks Envoy's element for the direct peer (set set_current_client_cert_details.uri)",
-                )
-            }
-            Some(e) if e.uris.len() != 1 => {
-                return Resolved::none(Some(peer), format!("peer certificate has {} URI SANs; exactly one is required", e.uris.len()))
-            }
-            Some(_) => {}
-        }
+    let id = SpiffeId::parse(only).map_err(|e| format!("URI SAN is not a SPIFFE ID: {e}"))?;
+    if id.path().is_empty() {
+        return Err(format!(
+            "{id} names a trust domain, not a workload (an X509-SVID's ID has a path)"
+        ));
     }
+    Ok(id)
+}
+
+/// Resolves the caller of an HTTP request.
+pub fn resolve(config: &Config, certs: &mut dyn PeerCertificates) -> Resolved {
+    let peer = match certs.peer() {
+        None => return Resolved::none(None, "no peer certificate"),
+        Some(sans) => match workload_identity(&sans) {
+            Ok(id) => id,
+            Err(reason) => return Resolved::none(None, format!("peer: {reason}")),
+        },
+    };
     if !config.trusted_gateways.contains(peer.as_str()) {
         return Resolved {
             caller: Some(peer.clone()),
@@ -78,51 +152,31 @@ pub fn resolve(config: &Config, peer_uri_san: Option<&str>, xfcc_header: Option<
             no_identity: None,
         };
     }
-    // A trusted gateway: the element before its own names the caller it verified.
-    let before = if direct.is_some() {
-        elements.len().checked_sub(2)
-    } else {
-        elements.len().checked_sub(1)
-    };
-    match before.and_then(|i| elements.get(i)) {
-        None => Resolved {
-            caller: Some(peer.clone()),
+    // A trusted gateway is never the caller itself: it vouches for the caller it verified.
+    match certs.forwarded().map(|sans| workload_identity(&sans)) {
+        None => Resolved::none(Some(peer), "trusted gateway forwarded no caller"),
+        Some(Err(reason)) => Resolved::none(Some(peer), format!("forwarded caller: {reason}")),
+        Some(Ok(caller)) => Resolved {
+            caller: Some(caller),
             peer: Some(peer),
-            via_gateway: false,
+            via_gateway: true,
             no_identity: None,
-        },
-        Some(e) if e.uris.len() != 1 => Resolved::none(
-            Some(peer),
-            format!(
-                "gateway forwarded a caller with {} URI SANs; exactly one is required",
-                e.uris.len()
-            ),
-        ),
-        Some(e) => match SpiffeId::parse(&e.uris[0]) {
-            Ok(caller) => Resolved {
-                caller: Some(caller),
-                peer: Some(peer),
-                via_gateway: true,
-                no_identity: None,
-            },
-            Err(err) => Resolved::none(
-                Some(peer),
-                format!("gateway forwarded an invalid SPIFFE ID: {err}"),
-            ),
         },
     }
 }
 
 /// Resolves the caller at L4, where only the first URI SAN is visible.
 pub fn resolve_network(peer_uri_san: Option<&str>) -> Resolved {
-    match peer_uri_san.filter(|s| !s.is_empty()).map(SpiffeId::parse) {
+    match peer_uri_san.filter(|s| !s.is_empty()) {
         None => Resolved::none(None, "no peer certificate URI SAN"),
-        Some(Err(e)) => Resolved::none(None, format!("peer URI SAN is not a SPIFFE ID: {e}")),
-        Some(Ok(id)) => Resolved {
-            caller: Some(id.clone()),
-            peer: Some(id),
-            via_gateway: false,
-            no_identity: None,
+        Some(uri) => match workload_identity(&Ok(vec![uri.to_string()])) {
+            Ok(id) => Resolved {
+                caller: Some(id.clone()),
+                peer: Some(id),
+                via_gateway: false,
+                no_identity: None,
+            },
+            Err(reason) => Resolved::none(None, format!("peer: {reason}")),
         },
     }
 }

@@ -19,6 +19,7 @@ pub fn all_names(config: &Config) -> Vec<String> {
         "no_identity",
         "sni_allowed",
         "sni_denied",
+        "peer_certificates_parsed",
     ]
     .iter()
     .map(|n| format!("trustweave.{n}"))

@@ -2,36 +2,39 @@
 //! `trustweave-policy` CLI both call [`evaluate_http`] / [`evaluate_network`].
 
 pub mod annotate;
+pub mod certificate;
 pub mod config;
 pub mod decide;
+pub mod headers;
 pub mod identity;
 pub mod metrics;
 pub mod pattern;
 pub mod policy;
 pub mod spiffe_id;
-pub mod xfcc;
 
-use annotate::NodeFacts;
+use annotate::{BaggageChange, NodeFacts};
 use config::{Config, Placement};
 use decide::{decide, Decision, Reason};
+use headers::{Headers, Reading};
+use identity::PeerCertificates;
 use policy::{Caller, Facts, Local};
 
 /// The header Envoy uses for forwarded client certificates.
 pub const XFCC: &str = "x-forwarded-client-cert";
 /// Body of a denied request, as Envoy's RBAC filter writes it (existing tooling matches it).
 pub const DENY_BODY: &str = "RBAC: access denied";
+/// Longest path quoted in a log line.
+const LOG_PATH_MAX: usize = 256;
 
 /// What the shim reads for one HTTP request.
 #[derive(Clone, Debug, Default)]
-pub struct HttpInput<'a> {
-    /// `connection.uri_san_peer_certificate` (first URI SAN only).
-    pub peer_uri_san: Option<&'a str>,
-    /// Request headers, lower-case names, including pseudo-headers.
-    pub headers: &'a [(String, String)],
-    /// Destination port.
+pub struct HttpInput {
+    /// Request headers as bytes, lower-case names, including pseudo-headers.
+    pub headers: Headers,
+    /// Destination port (read only when a policy uses ports).
     pub port: Option<u32>,
-    /// TLS SNI.
-    pub sni: Option<&'a str>,
+    /// TLS SNI (read only when a policy uses it).
+    pub sni: Option<String>,
     /// What Envoy's node and local certificate say about this hop.
     pub node: NodeFacts,
 }
@@ -45,7 +48,8 @@ pub struct HttpOutcome {
     pub caller: Option<Caller>,
     /// Why there is no identity, if there is none.
     pub no_identity: Option<String>,
-    /// Headers to remove from the request (anti-spoofing), before anything is set.
+    /// Headers present on the request to remove (anti-spoofing, and any header
+    /// about to be set), before anything is set.
     pub remove: Vec<String>,
     /// Headers to set on the request (annotation).
     pub set: Vec<(String, String)>,
@@ -55,68 +59,84 @@ pub struct HttpOutcome {
     pub log: Option<String>,
 }
 
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v.as_str())
+/// `:path` without its query or fragment.
+fn path_only(reading: Reading<'_>) -> Reading<'_> {
+    reading.map(|p| p.split(['?', '#']).next().unwrap_or(""))
 }
 
-/// Evaluates one HTTP request.
-pub fn evaluate_http(config: &Config, input: &HttpInput<'_>) -> HttpOutcome {
-    let resolved = identity::resolve(config, input.peer_uri_san, header(input.headers, XFCC));
+/// Evaluates one HTTP request; `certs` says who the peer (and a forwarded caller) is.
+pub fn evaluate_http(
+    config: &Config,
+    input: HttpInput,
+    certs: &mut dyn PeerCertificates,
+) -> HttpOutcome {
+    let HttpInput {
+        mut headers,
+        port,
+        sni,
+        node,
+    } = input;
+    let resolved = identity::resolve(config, certs);
     let trusted_peer = resolved.peer_is_trusted_gateway(config);
     let annotator = &config.annotator;
     let caller = resolved.caller.clone().map(|id| annotator.caller(id));
-    let local = annotator.local(&input.node);
+    let local = annotator.local(&node);
 
     // Anti-spoofing: what a downstream set is removed before evaluation, unless it is a trusted gateway.
-    let mut remove = Vec::new();
+    let mut remove: Vec<String> = Vec::new();
     if !trusted_peer {
         remove.extend(
             annotator
                 .spoofable_headers()
                 .into_iter()
+                .filter(|name| headers.contains(name))
                 .map(str::to_string),
         );
-        if config.placement == Placement::Sidecar {
+        if config.placement == Placement::Sidecar && headers.contains(XFCC) {
             remove.push(XFCC.to_string());
         }
     }
-    let visible: Vec<(String, String)> = input
-        .headers
-        .iter()
-        .filter(|(n, _)| !remove.contains(n))
-        .cloned()
-        .collect();
-    let path_and_query = header(&visible, ":path").unwrap_or("");
-    let path = path_and_query.split(['?', '#']).next().unwrap_or("");
+    headers.remove_all(&remove);
+    let path = headers.single(":path").map(path_only);
     let facts = Facts {
         caller: caller.as_ref(),
         local: Some(&local),
-        method: header(&visible, ":method").unwrap_or(""),
+        method: headers.single(":method"),
         path,
-        host: header(&visible, ":authority")
-            .or_else(|| header(&visible, "host"))
-            .unwrap_or(""),
-        port: input.port,
-        headers: &visible,
-        action: header(&visible, &config.action_header),
-        sni: input.sni,
+        host: headers
+            .single(":authority")
+            .or_else(|| headers.single("host")),
+        port,
+        headers: &headers,
+        action_header: &config.action_header,
+        sni: sni.as_deref(),
     };
     let decision = decide(config, &facts);
 
     let mut set = Vec::new();
     if decision.allowed {
         for (name, value) in annotator.request_headers(caller.as_ref(), &local) {
+            let present = headers.contains(&name);
             match value {
-                Some(v) => set.push((name, v)),
-                None if !trusted_peer => {}
-                None => remove.push(name),
+                Some(v) => {
+                    if present {
+                        remove.push(name.clone());
+                    }
+                    set.push((name, v));
+                }
+                None if present => remove.push(name),
+                None => {}
             }
         }
-        if let Some(baggage) = annotator.baggage(header(&visible, "baggage"), &local) {
-            set.push(("baggage".into(), baggage));
+        match annotator.baggage(headers.joined_text("baggage").as_deref(), &local) {
+            BaggageChange::Keep => {}
+            BaggageChange::Remove => remove.push("baggage".into()),
+            BaggageChange::Set(value) => {
+                if headers.contains("baggage") {
+                    remove.push("baggage".into());
+                }
+                set.push(("baggage".into(), value));
+            }
         }
     }
     let mut deny_headers = Vec::new();
@@ -127,11 +147,16 @@ pub fn evaluate_http(config: &Config, input: &HttpInput<'_>) -> HttpOutcome {
     ) {
         deny_headers.push((name.clone(), policy.clone()));
     }
+    let log_path = match path {
+        None => String::new(),
+        Some(None) => "(not UTF-8)".into(),
+        Some(Some(p)) => p.chars().take(LOG_PATH_MAX).collect(),
+    };
     let log = describe(
         &decision,
         caller.as_ref(),
         resolved.no_identity.as_deref(),
-        path,
+        &log_path,
     );
     HttpOutcome {
         decision,
@@ -208,7 +233,7 @@ pub fn evaluate_network(config: &Config, input: &NetworkInput<'_>) -> NetworkOut
         local: Some(&local),
         port: input.port,
         sni: input.sni,
-        ..Default::default()
+        ..Facts::default()
     };
     let decision = decide(config, &facts);
     let log = describe(
@@ -247,12 +272,12 @@ fn describe(
     };
     if !decision.allowed {
         Some(format!(
-            "denied caller={who} trust_domain={td} policy={policy} reason={:?} path={path}{identity_note}{shadow}",
+            "denied caller={who} trust_domain={td} policy={policy} reason={:?} path={path:?}{identity_note}{shadow}",
             decision.reason
         ))
     } else if !shadow.is_empty() {
         Some(format!(
-            "allowed caller={who} trust_domain={td} policy={policy} path={path}{shadow}"
+            "allowed caller={who} trust_domain={td} policy={policy} path={path:?}{shadow}"
         ))
     } else {
         None

@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Deserialize;
 
+use super::headers::{Headers, Quantifier, Reading};
 use super::pattern::PatternSet;
 use super::spiffe_id::SpiffeId;
 
@@ -43,36 +44,89 @@ pub struct Local {
     pub region: Option<String>,
 }
 
-/// Everything a decision may look at; HTTP fields are empty at L4.
-#[derive(Clone, Debug, Default)]
+/// No headers (L4, and facts built without a request).
+pub static NO_HEADERS: Headers = Headers::EMPTY;
+
+/// Everything a decision may look at; HTTP fields are absent at L4.
+#[derive(Clone, Debug)]
 pub struct Facts<'a> {
     /// The caller, if a valid identity was established.
     pub caller: Option<&'a Caller>,
     /// This hop.
     pub local: Option<&'a Local>,
-    /// HTTP method.
-    pub method: &'a str,
-    /// Path without query.
-    pub path: &'a str,
+    /// HTTP method (`None`: absent; `Some(None)`: malformed).
+    pub method: Option<Reading<'a>>,
+    /// Path without query, as Envoy routes it.
+    pub path: Option<Reading<'a>>,
     /// Host / authority.
-    pub host: &'a str,
+    pub host: Option<Reading<'a>>,
     /// Destination port.
     pub port: Option<u32>,
-    /// Request headers (lower-case names).
-    pub headers: &'a [(String, String)],
-    /// The action / capability named by the action header.
-    pub action: Option<&'a str>,
+    /// Request headers (lower-case names), as the policy sees them.
+    pub headers: &'a Headers,
+    /// Name of the header carrying the action / capability.
+    pub action_header: &'a str,
     /// TLS SNI.
     pub sni: Option<&'a str>,
 }
 
-impl Facts<'_> {
-    /// The first value of header `name`.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+impl Default for Facts<'_> {
+    fn default() -> Self {
+        Self {
+            caller: None,
+            local: None,
+            method: None,
+            path: None,
+            host: None,
+            port: None,
+            headers: &NO_HEADERS,
+            action_header: "",
+            sni: None,
+        }
+    }
+}
+
+/// A positive condition on a single-valued fact: absent never matches.
+fn present_holds<'a>(
+    fact: Option<Reading<'a>>,
+    q: Quantifier,
+    condition: impl FnMut(&'a str) -> bool,
+) -> bool {
+    fact.is_some_and(|reading| q.holds(&[reading], condition))
+}
+
+/// A positive condition on a header: absent never matches.
+fn header_holds(
+    facts: &Facts<'_>,
+    name: &str,
+    q: Quantifier,
+    condition: impl FnMut(&str) -> bool,
+) -> bool {
+    let mut joined = String::new();
+    let readings = facts.headers.readings(name, &mut joined);
+    !readings.is_empty() && q.holds(&readings, condition)
+}
+
+/// Host patterns as Istio matches them: case-insensitive, with or without the
+/// port (and a trailing dot) of the request's authority.
+fn host_matches(hosts: &PatternSet, host: &str) -> bool {
+    let lower = host.to_ascii_lowercase();
+    let without_port = strip_port(&lower);
+    let without_dot = without_port.strip_suffix('.').unwrap_or(without_port);
+    hosts.matches(&lower) || hosts.matches(without_port) || hosts.matches(without_dot)
+}
+
+/// `host:port` → `host` (also `[v6]:port`); anything else unchanged.
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']')) =>
+        {
+            h
+        }
+        _ => host,
     }
 }
 
@@ -158,16 +212,30 @@ impl Condition {
         }
     }
 
-    fn matches(&self, facts: &Facts<'_>) -> bool {
-        let value = match &self.key {
-            ConditionKey::Header(name) => facts.header(name),
-            ConditionKey::SourceCloud => facts.caller.and_then(|c| c.cloud.as_deref()),
-            ConditionKey::SourceRegion => facts.caller.and_then(|c| c.region.as_deref()),
-            ConditionKey::Sni => facts.sni,
+    fn matches(&self, facts: &Facts<'_>, q: Quantifier) -> bool {
+        let mut joined = String::new();
+        let readings: Vec<Reading<'_>> = match &self.key {
+            ConditionKey::Header(name) => facts.headers.readings(name, &mut joined),
+            ConditionKey::SourceCloud => facts
+                .caller
+                .and_then(|c| c.cloud.as_deref())
+                .map(Some)
+                .into_iter()
+                .collect(),
+            ConditionKey::SourceRegion => facts
+                .caller
+                .and_then(|c| c.region.as_deref())
+                .map(Some)
+                .into_iter()
+                .collect(),
+            ConditionKey::Sni => facts.sni.map(Some).into_iter().collect(),
         };
-        let positive = self.values.is_empty() || value.is_some_and(|v| self.values.matches(v));
-        let negative =
-            self.not_values.is_empty() || !value.is_some_and(|v| self.not_values.matches(v));
+        let present = !readings.is_empty();
+        let positive =
+            self.values.is_empty() || (present && q.holds(&readings, |v| self.values.matches(v)));
+        let negative = self.not_values.is_empty()
+            || !present
+            || q.holds(&readings, |v| !self.not_values.matches(v));
         positive && negative
     }
 }
@@ -197,18 +265,28 @@ pub struct CompiledPolicy {
 }
 
 impl CompiledPolicy {
+    /// How this policy reads ambiguous facts: an ALLOW must hold under every
+    /// reading, a DENY or AUDIT under any (see [`super::headers`]).
+    pub fn quantifier(&self) -> Quantifier {
+        match self.action {
+            Action::Allow => Quantifier::Every,
+            Action::Deny | Action::Audit => Quantifier::Any,
+        }
+    }
+
     /// Index of the first rule that matches, if any.
     pub fn matching_rule(&self, facts: &Facts<'_>) -> Option<usize> {
-        self.rules.iter().position(|rule| rule.matches(facts))
+        let q = self.quantifier();
+        self.rules.iter().position(|rule| rule.matches(facts, q))
     }
 }
 
 impl CompiledRule {
-    /// Whether `from`, `to` and every `when` condition hold.
-    pub fn matches(&self, facts: &Facts<'_>) -> bool {
-        self.from.matches(facts)
-            && self.to.matches(facts)
-            && self.when.iter().all(|c| c.matches(facts))
+    /// Whether `from`, `to` and every `when` condition hold, reading ambiguous facts by `q`.
+    pub fn matches(&self, facts: &Facts<'_>, q: Quantifier) -> bool {
+        self.from.matches(facts, q)
+            && self.to.matches(facts, q)
+            && self.when.iter().all(|c| c.matches(facts, q))
     }
 }
 
@@ -222,13 +300,21 @@ impl From {
             || self.same_region
     }
 
-    fn matches(&self, facts: &Facts<'_>) -> bool {
+    fn matches(&self, facts: &Facts<'_>, q: Quantifier) -> bool {
         if !self.needs_identity() {
             return true;
         }
-        // Any caller condition requires an identity: no identity never matches (fail closed).
         let Some(caller) = facts.caller else {
-            return false;
+            // No identity. As in Istio, an unidentified caller is none of the
+            // principals or trust domains named in `not_*`, so a DENY rule made
+            // only of negative caller conditions matches it (`notPrincipals: ["*"]`
+            // refuses plaintext). An ALLOW rule with any caller condition never
+            // matches it: stricter than Istio, never looser.
+            return q == Quantifier::Any
+                && self.principals.is_empty()
+                && self.trust_domains.is_empty()
+                && !self.same_trust_domain
+                && !self.same_region;
         };
         let id = caller.id.as_str();
         let td = caller.id.trust_domain();
@@ -248,27 +334,30 @@ impl From {
 }
 
 impl To {
-    fn matches(&self, facts: &Facts<'_>) -> bool {
-        let host = facts.host;
-        let host_no_port = host.rsplit_once(':').map_or(host, |(h, _)| h);
-        (self.paths.is_empty() || self.paths.matches(facts.path))
-            && (self.not_paths.is_empty() || !self.not_paths.matches(facts.path))
-            && (self.methods.is_empty() || self.methods.iter().any(|m| m == facts.method))
+    fn matches(&self, facts: &Facts<'_>, q: Quantifier) -> bool {
+        (self.paths.is_empty() || present_holds(facts.path, q, |p| self.paths.matches(p)))
+            && (self.not_paths.is_empty()
+                || facts
+                    .path
+                    .is_none_or(|r| q.holds(&[r], |p| !self.not_paths.matches(p))))
+            && (self.methods.is_empty()
+                || present_holds(facts.method, q, |m| self.methods.iter().any(|x| x == m)))
             && (self.hosts.is_empty()
-                || self.hosts.matches(host)
-                || self.hosts.matches(host_no_port))
+                || present_holds(facts.host, q, |h| host_matches(&self.hosts, h)))
             && (self.ports.is_empty() || facts.port.is_some_and(|p| self.ports.contains(&p)))
             && self
                 .headers
                 .iter()
-                .all(|(name, values)| facts.header(name).is_some_and(|v| values.matches(v)))
-            && (self.actions.is_empty() || facts.action.is_some_and(|a| self.actions.matches(a)))
+                .all(|(name, values)| header_holds(facts, name, q, |v| values.matches(v)))
+            && (self.actions.is_empty()
+                || header_holds(facts, facts.action_header, q, |a| self.actions.matches(a)))
             && (self.allowed_actions.is_empty()
-                || matches!(
-                    (facts.caller, facts.action),
-                    (Some(caller), Some(action))
-                        if self.allowed_actions.get(caller.id.as_str()).is_some_and(|set| set.contains(action))
-                ))
+                || facts.caller.is_some_and(|caller| {
+                    let allowed = self.allowed_actions.get(caller.id.as_str());
+                    header_holds(facts, facts.action_header, q, |a| {
+                        allowed.is_some_and(|set| set.contains(a))
+                    })
+                }))
             && (self.local_principals.is_empty()
                 || facts
                     .local
