@@ -199,7 +199,7 @@ impl HttpContext for HttpFilter {
         let (config, counters) = (&state.config, &state.counters);
         let headers =
             Headers::new(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default());
-        let xfcc = headers.joined_text(XFCC);
+        let xfcc = headers.joined_lossy(XFCC);
         let peer = match config.uri_san_check {
             UriSanCheck::Xfcc => {
                 PeerFacts::Digest(property(&["connection", "sha256_peer_certificate_digest"]))

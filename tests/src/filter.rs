@@ -263,6 +263,23 @@ pub fn sidecar(
     )
 }
 
+/// A plaintext inbound listener (no TLS: no caller identity) with Istio's sidecar HCM and `filter`.
+pub fn plaintext_sidecar(filter: Value, upstream: SocketAddr) -> Value {
+    let listener = json!({
+        "name": LISTENER,
+        "address": loopback_any_port(),
+        "filter_chains": [{
+            "filters": [hcm("inbound", Some(SIDECAR_HTTP), vec![filter, router()], "app")]
+        }]
+    });
+    bootstrap(
+        "plaintext",
+        json!({}),
+        vec![listener],
+        vec![cluster("app", upstream, None)],
+    )
+}
+
 /// TLS-terminating east-west gateway: mTLS in, XFCC `SANITIZE_SET` (the verified caller
 /// only), the filter, then mTLS with the gateway's own SVID to `next_hop`.
 pub fn terminating_gateway(

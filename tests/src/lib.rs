@@ -5,6 +5,7 @@
 
 pub mod envoy;
 pub mod filter;
+pub mod filter_fixture;
 pub mod http;
 pub mod pki;
 pub mod sds;

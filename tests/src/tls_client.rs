@@ -62,6 +62,10 @@ impl ServerCertVerifier for AcceptAnyServer {
 }
 
 fn connector(client: &IssuedSvid) -> TlsConnector {
+    connector_with_alpn(client, Vec::new())
+}
+
+fn connector_with_alpn(client: &IssuedSvid, alpn: Vec<Vec<u8>>) -> TlsConnector {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -73,6 +77,8 @@ fn connector(client: &IssuedSvid) -> TlsConnector {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(client.key_der.clone())),
         )
         .expect("client certificate");
+    let mut config = config;
+    config.alpn_protocols = alpn;
     TlsConnector::from(Arc::new(config))
 }
 
@@ -130,4 +136,67 @@ pub async fn request(
     crate::http::parse(&raw).ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response")
     })
+}
+
+/// Sends a raw HTTP/1.1 request head (any bytes, e.g. obs-text values or
+/// repeated headers) over mTLS presenting `client`; the server closes after answering.
+pub async fn request_raw(
+    addr: SocketAddr,
+    client: &IssuedSvid,
+    head: &[u8],
+) -> std::io::Result<HttpResponse> {
+    let raw = exchange(addr, client, head, usize::MAX).await?;
+    crate::http::parse(&raw).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response")
+    })
+}
+
+/// A raw request head: `GET path`, `host`, `connection: close`, then `headers` as given (bytes).
+pub fn raw_head(path: &str, host: &str, headers: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut head =
+        format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n").into_bytes();
+    for (name, value) in headers {
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// Sends one HTTP/2 GET over mTLS (ALPN h2) with header values as bytes; returns the status.
+pub async fn request_h2(
+    addr: SocketAddr,
+    client: &IssuedSvid,
+    path: &str,
+    headers: &[(&str, &[u8])],
+) -> std::io::Result<u16> {
+    let to_io = |e: h2::Error| std::io::Error::other(e.to_string());
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("trustweave.test").expect("server name");
+    let tls = connector_with_alpn(client, vec![b"h2".to_vec()])
+        .connect(name, tcp)
+        .await?;
+    let (mut send, connection) = h2::client::handshake(tls).await.map_err(to_io)?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut request = http::Request::builder()
+        .method("GET")
+        .uri(format!("https://inventory.gcp.internal{path}"));
+    for (name, value) in headers {
+        let value = http::HeaderValue::from_bytes(value)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        request = request.header(*name, value);
+    }
+    let request = request
+        .body(())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let (response, _) = send.send_request(request, true).map_err(to_io)?;
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), response)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no HTTP/2 answer"))?
+        .map_err(to_io)?;
+    Ok(response.status().as_u16())
 }

@@ -87,3 +87,46 @@ impl ByteCounter {
         self.received.load(Ordering::SeqCst)
     }
 }
+
+/// A server-first TCP server: greets every connection with a banner, then echoes;
+/// counts the connections it accepted.
+pub struct BannerServer {
+    /// Its address.
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+/// What [`BannerServer`] writes first on every connection.
+pub const BANNER: &[u8] = b"220 upstream ready\r\n";
+
+impl BannerServer {
+    /// Starts it.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind banner");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if stream.write_all(BANNER).await.is_err() {
+                        return;
+                    }
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, accepted }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}

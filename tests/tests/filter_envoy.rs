@@ -2,109 +2,15 @@
 //! annotation, anti-spoofing, forwarded callers, dry run, fail-closed
 //! configuration, L4 enforcement and the passthrough SNI allowlist.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde_json::{json, Value};
 use trustweave_e2e::envoy::Envoy;
-use trustweave_e2e::filter::{self, LISTENER};
-use trustweave_e2e::http::HttpResponse;
-use trustweave_e2e::pki::{IssuedSvid, TrustDomainCa};
+use trustweave_e2e::filter;
+use trustweave_e2e::filter_fixture::*;
 use trustweave_e2e::sds;
 use trustweave_e2e::tls_client;
 use trustweave_e2e::upstream::{self, ByteCounter};
 use trustweave_e2e::wait::wait_until;
-
-const WORKER: &str = "spiffe://gcp.company.com/region/gcp-us-central1/worker-1";
-const GATEWAY: &str = "spiffe://gcp.company.com/ns/istio-system/sa/eastwest-gateway";
-const GCP_PEER: &str = "spiffe://gcp.company.com/ns/billing/sa/invoicer";
-const CATALOG: &str = "spiffe://aws.company.com/ns/shop/sa/catalog";
-const ORCHESTRATOR: &str = "spiffe://aws.company.com/ns/ops/sa/orchestrator";
-const STRANGER: &str = "spiffe://azure.company.com/ns/x/sa/stranger";
-const TTL: Duration = Duration::from_secs(3600);
-
-struct Pki {
-    aws: TrustDomainCa,
-    gcp: TrustDomainCa,
-    azure: TrustDomainCa,
-}
-
-impl Pki {
-    fn new() -> Self {
-        Self {
-            aws: TrustDomainCa::new("aws.company.com"),
-            gcp: TrustDomainCa::new("gcp.company.com"),
-            azure: TrustDomainCa::new("azure.company.com"),
-        }
-    }
-
-    fn all(&self) -> Vec<&TrustDomainCa> {
-        vec![&self.aws, &self.gcp, &self.azure]
-    }
-
-    fn svid(&self, id: &str) -> IssuedSvid {
-        let ca = [&self.aws, &self.gcp, &self.azure]
-            .into_iter()
-            .find(|ca| id.starts_with(&format!("spiffe://{}/", ca.trust_domain())))
-            .expect("known trust domain");
-        ca.issue_svid(id, TTL)
-    }
-}
-
-/// The shipped sidecar filter: the users' multi-cloud policy, as Istio patches it in.
-fn shipped_sidecar_filter() -> Value {
-    filter::istio_filter(filter::SIDECAR_HTTP)
-}
-
-fn gcp_node() -> Value {
-    json!({ "locality": { "region": "us-central1", "zone": "us-central1-a" }, "metadata": { "CLOUD": "gcp" } })
-}
-
-async fn start(dir: &tempfile::TempDir, name: &str, bootstrap: &Value) -> (Envoy, SocketAddr) {
-    let envoy = Envoy::start(name, dir.path(), bootstrap).await;
-    envoy.wait_live().await;
-    let addr = envoy.listener(LISTENER).await;
-    (envoy, addr)
-}
-
-async fn call(
-    addr: SocketAddr,
-    client: &IssuedSvid,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> HttpResponse {
-    tls_client::request(addr, client, "GET", path, headers)
-        .await
-        .expect("mTLS request")
-}
-
-/// Headers the upstream received (the echo server's JSON body).
-fn received(response: &HttpResponse) -> BTreeMap<String, Vec<String>> {
-    assert_eq!(response.status, 200, "{response:?}");
-    serde_json::from_str(&response.body).expect("echo JSON")
-}
-
-fn one<'a>(headers: &'a BTreeMap<String, Vec<String>>, name: &str) -> Option<&'a str> {
-    headers
-        .get(name)
-        .and_then(|v| v.first())
-        .map(String::as_str)
-}
-
-/// A destination sidecar (this GCP worker) running `filter`, in front of the header echo.
-async fn sidecar(dir: &tempfile::TempDir, pki: &Pki, filter: Value) -> (Envoy, SocketAddr) {
-    let echo = upstream::start_header_echo().await;
-    let bootstrap = filter::sidecar(
-        "worker",
-        gcp_node(),
-        &pki.svid(WORKER),
-        &pki.all(),
-        filter,
-        echo,
-    );
-    start(dir, "sidecar", &bootstrap).await
-}
 
 #[tokio::test]
 async fn sidecar_enforces_the_multi_cloud_policy_and_annotates() {

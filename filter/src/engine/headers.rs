@@ -129,6 +129,16 @@ impl Headers {
             .map(|(_, v)| v.as_slice())
     }
 
+    /// Every value of header `name` joined with `,`, bytes that are not UTF-8
+    /// replaced (for searching ASCII structure such as XFCC's `Cert=`).
+    pub fn joined_lossy(&self, name: &str) -> Option<String> {
+        let values: Vec<String> = self
+            .raw(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        (!values.is_empty()).then(|| values.join(","))
+    }
+
     /// Every value of header `name` that is UTF-8, joined with `,` (for
     /// list-valued headers such as `baggage`); `None` when absent or when any
     /// value is malformed.

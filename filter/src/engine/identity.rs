@@ -156,6 +156,10 @@ pub fn resolve(config: &Config, certs: &mut dyn PeerCertificates) -> Resolved {
     match certs.forwarded().map(|sans| workload_identity(&sans)) {
         None => Resolved::none(Some(peer), "trusted gateway forwarded no caller"),
         Some(Err(reason)) => Resolved::none(Some(peer), format!("forwarded caller: {reason}")),
+        // With nothing forwarded, the header's first element is Envoy's own for the gateway.
+        Some(Ok(caller)) if caller == peer => {
+            Resolved::none(Some(peer), "trusted gateway forwarded no caller")
+        }
         Some(Ok(caller)) => Resolved {
             caller: Some(caller),
             peer: Some(peer),

@@ -1,0 +1,138 @@
+//! Shared set-up of the filter's real-Envoy tests: three trust domains, the
+//! identities of the users' multi-cloud guide, and a GCP worker's sidecar.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::envoy::Envoy;
+use crate::filter::{self, LISTENER};
+use crate::http::HttpResponse;
+use crate::pki::{IssuedSvid, TrustDomainCa};
+use crate::tls_client;
+use crate::upstream;
+
+/// This sidecar's workload: a GCP worker in us-central1.
+pub const WORKER: &str = "spiffe://gcp.company.com/region/gcp-us-central1/worker-1";
+/// GCP's east-west gateway (trusted to forward callers).
+pub const GATEWAY: &str = "spiffe://gcp.company.com/ns/istio-system/sa/eastwest-gateway";
+/// A workload in GCP's own trust domain.
+pub const GCP_PEER: &str = "spiffe://gcp.company.com/ns/billing/sa/invoicer";
+/// An AWS workload allowed `inventory.read` only.
+pub const CATALOG: &str = "spiffe://aws.company.com/ns/shop/sa/catalog";
+/// The AWS orchestrator, allowed to call central workers.
+pub const ORCHESTRATOR: &str = "spiffe://aws.company.com/ns/ops/sa/orchestrator";
+/// An Azure workload no policy names.
+pub const STRANGER: &str = "spiffe://azure.company.com/ns/x/sa/stranger";
+/// Lifetime of test SVIDs.
+pub const TTL: Duration = Duration::from_secs(3600);
+
+/// One CA per cloud's trust domain.
+pub struct Pki {
+    /// aws.company.com
+    pub aws: TrustDomainCa,
+    /// gcp.company.com
+    pub gcp: TrustDomainCa,
+    /// azure.company.com
+    pub azure: TrustDomainCa,
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pki {
+    /// Three fresh CAs.
+    pub fn new() -> Self {
+        Self {
+            aws: TrustDomainCa::new("aws.company.com"),
+            gcp: TrustDomainCa::new("gcp.company.com"),
+            azure: TrustDomainCa::new("azure.company.com"),
+        }
+    }
+
+    /// Every CA (all three domains trusted).
+    pub fn all(&self) -> Vec<&TrustDomainCa> {
+        vec![&self.aws, &self.gcp, &self.azure]
+    }
+
+    /// An SVID for `id` from its trust domain's CA.
+    pub fn svid(&self, id: &str) -> IssuedSvid {
+        let ca = [&self.aws, &self.gcp, &self.azure]
+            .into_iter()
+            .find(|ca| id.starts_with(&format!("spiffe://{}/", ca.trust_domain())))
+            .expect("known trust domain");
+        ca.issue_svid(id, TTL)
+    }
+}
+
+/// The shipped sidecar filter: the users' multi-cloud policy, as Istio patches it in.
+pub fn shipped_sidecar_filter() -> Value {
+    filter::istio_filter(filter::SIDECAR_HTTP)
+}
+
+/// Envoy node locality and metadata of a GCP us-central1 workload.
+pub fn gcp_node() -> Value {
+    json!({ "locality": { "region": "us-central1", "zone": "us-central1-a" }, "metadata": { "CLOUD": "gcp" } })
+}
+
+/// Starts Envoy and returns it with its `trustweave` listener's address.
+pub async fn start(dir: &tempfile::TempDir, name: &str, bootstrap: &Value) -> (Envoy, SocketAddr) {
+    let envoy = Envoy::start(name, dir.path(), bootstrap).await;
+    envoy.wait_live().await;
+    let addr = envoy.listener(LISTENER).await;
+    (envoy, addr)
+}
+
+/// One HTTP/1.1 request over mTLS presenting `client`.
+pub async fn call(
+    addr: SocketAddr,
+    client: &IssuedSvid,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> HttpResponse {
+    tls_client::request(addr, client, "GET", path, headers)
+        .await
+        .expect("mTLS request")
+}
+
+/// Headers the upstream received (the echo server's JSON body).
+pub fn received(response: &HttpResponse) -> BTreeMap<String, Vec<String>> {
+    assert_eq!(response.status, 200, "{response:?}");
+    serde_json::from_str(&response.body).expect("echo JSON")
+}
+
+/// The first value of header `name`.
+pub fn one<'a>(headers: &'a BTreeMap<String, Vec<String>>, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.first())
+        .map(String::as_str)
+}
+
+/// A destination sidecar (this GCP worker) running `filter`, in front of the header echo.
+pub async fn sidecar(dir: &tempfile::TempDir, pki: &Pki, filter: Value) -> (Envoy, SocketAddr) {
+    let echo = upstream::start_header_echo().await;
+    let bootstrap = filter::sidecar(
+        "worker",
+        gcp_node(),
+        &pki.svid(WORKER),
+        &pki.all(),
+        filter,
+        echo,
+    );
+    start(dir, "sidecar", &bootstrap).await
+}
+
+/// `bootstrap` with its listener trusting `ca`'s root as a plain PEM `trusted_ca`
+/// (no SPIFFE validator: what an Envoy without SPIFFE validation accepts).
+pub fn with_pem_trust(mut bootstrap: Value, ca: &TrustDomainCa) -> Value {
+    bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]
+        ["typed_config"]["common_tls_context"]["validation_context"] =
+        json!({ "trusted_ca": { "inline_string": ca.root_pem() } });
+    bootstrap
+}
