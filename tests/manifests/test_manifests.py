@@ -241,3 +241,40 @@ def test_dockerfile_builds_a_static_non_root_image():
     assert dockerfile.count("FROM ") >= 2, "multi-stage"
     assert "distroless/static" in dockerfile and "nonroot" in dockerfile
     assert "x86_64-unknown-linux-musl" in dockerfile
+
+
+def envoy_filter_patches():
+    for path in sorted(ISTIO.glob("envoyfilter-*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            for patch in doc["spec"]["configPatches"]:
+                yield path.name, patch
+
+
+def test_http_and_network_filters_run_in_separate_vms():
+    """One trapped VM must not take the other layer's traffic down."""
+    vm_ids = {}
+    for name, patch in envoy_filter_patches():
+        value = patch["patch"]["value"]
+        if str(value.get("name", "")).endswith(".wasm"):
+            vm_ids.setdefault(value["typed_config"]["config"]["vm_config"]["vm_id"], []).append(name)
+    assert vm_ids and all(len(files) == 1 for files in vm_ids.values()), vm_ids
+
+
+def test_connection_managers_give_the_filter_the_certificate_and_normalized_paths():
+    """Every HCM a trustweave HTTP filter runs behind forwards the peer's Cert= and normalizes paths."""
+    merged = [(name, p["patch"]["value"]["typed_config"]) for name, p in envoy_filter_patches()
+              if p["patch"]["operation"] == "MERGE"
+              and p["match"].get("listener", {}).get("filterChain", {}).get("filter", {}).get("name") == "envoy.filters.network.http_connection_manager"]
+    assert sorted(name for name, _ in merged) == ["envoyfilter-gateway-http.yaml", "envoyfilter-sidecar-hcm.yaml"]
+    for name, hcm in merged:
+        assert hcm["set_current_client_cert_details"] == {"uri": True, "cert": True}, name
+        assert hcm["normalize_path"] and hcm["merge_slashes"], name
+        assert hcm["path_with_escaped_slashes_action"] == "UNESCAPE_AND_FORWARD", name
+    forward = {name: hcm["forward_client_cert_details"] for name, hcm in merged}
+    assert forward == {"envoyfilter-gateway-http.yaml": "SANITIZE_SET", "envoyfilter-sidecar-hcm.yaml": "APPEND_FORWARD"}
+
+
+def test_l4_sidecar_connects_upstream_only_after_the_filter_decided():
+    (tcp,) = [p["patch"]["value"]["typed_config"] for name, p in envoy_filter_patches()
+              if name == "envoyfilter-sidecar-network.yaml" and p["patch"]["operation"] == "MERGE"]
+    assert tcp["upstream_connect_mode"] == "ON_DOWNSTREAM_DATA" and tcp["max_early_data_bytes"] > 0

@@ -108,6 +108,8 @@ fn with_configuration(mut entry: Value, config_json: &str) -> Value {
 
 /// `istio/` file: sidecar inbound, HTTP.
 pub const SIDECAR_HTTP: &str = "envoyfilter-sidecar-http.yaml";
+/// `istio/` file: the sidecar inbound connection manager settings the filter relies on.
+pub const SIDECAR_HCM: &str = "envoyfilter-sidecar-hcm.yaml";
 /// `istio/` file: sidecar inbound, TCP.
 pub const SIDECAR_NETWORK: &str = "envoyfilter-sidecar-network.yaml";
 /// `istio/` file: TLS-terminating east-west gateway.
@@ -252,7 +254,7 @@ pub fn sidecar(
         "address": loopback_any_port(),
         "filter_chains": [{
             "transport_socket": downstream_tls(svid, trusted),
-            "filters": [with_tracing(hcm("inbound", Some(SIDECAR_HTTP), vec![filter, router()], "app"))]
+            "filters": [with_tracing(hcm("inbound", Some(SIDECAR_HCM), vec![filter, router()], "app"))]
         }]
     });
     bootstrap(
@@ -269,7 +271,7 @@ pub fn plaintext_sidecar(filter: Value, upstream: SocketAddr) -> Value {
         "name": LISTENER,
         "address": loopback_any_port(),
         "filter_chains": [{
-            "filters": [hcm("inbound", Some(SIDECAR_HTTP), vec![filter, router()], "app")]
+            "filters": [hcm("inbound", Some(SIDECAR_HCM), vec![filter, router()], "app")]
         }]
     });
     bootstrap(
