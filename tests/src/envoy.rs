@@ -40,6 +40,8 @@ impl Envoy {
         let log = dir.join(format!("{name}.log"));
         std::fs::write(&config, serde_json::to_vec_pretty(bootstrap).expect("json"))
             .expect("write bootstrap");
+        // A previous Envoy of the same name left its admin address here: never read it.
+        let _ = std::fs::remove_file(&admin_path);
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(binary())
             .arg("-c")

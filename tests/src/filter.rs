@@ -141,7 +141,7 @@ pub fn tls_context(svid: &IssuedSvid, trusted: &[&TrustDomainCa]) -> Value {
     })
 }
 
-fn downstream_tls(svid: &IssuedSvid, trusted: &[&TrustDomainCa]) -> Value {
+pub(crate) fn downstream_tls(svid: &IssuedSvid, trusted: &[&TrustDomainCa]) -> Value {
     json!({
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -152,7 +152,11 @@ fn downstream_tls(svid: &IssuedSvid, trusted: &[&TrustDomainCa]) -> Value {
     })
 }
 
-fn upstream_tls(svid: &IssuedSvid, trusted: &[&TrustDomainCa], sni: Option<&str>) -> Value {
+pub(crate) fn upstream_tls(
+    svid: &IssuedSvid,
+    trusted: &[&TrustDomainCa],
+    sni: Option<&str>,
+) -> Value {
     let mut context = json!({
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
         "common_tls_context": tls_context(svid, trusted)
@@ -163,7 +167,7 @@ fn upstream_tls(svid: &IssuedSvid, trusted: &[&TrustDomainCa], sni: Option<&str>
     json!({ "name": "envoy.transport_sockets.tls", "typed_config": context })
 }
 
-fn cluster(name: &str, addr: SocketAddr, transport_socket: Option<Value>) -> Value {
+pub(crate) fn cluster(name: &str, addr: SocketAddr, transport_socket: Option<Value>) -> Value {
     let mut c = json!({
         "name": name,
         "type": "STATIC",
@@ -180,13 +184,18 @@ fn cluster(name: &str, addr: SocketAddr, transport_socket: Option<Value>) -> Val
     c
 }
 
-fn loopback_any_port() -> Value {
+pub(crate) fn loopback_any_port() -> Value {
     json!({ "socket_address": { "address": "127.0.0.1", "port_value": 0 } })
 }
 
 /// A connection manager with the fields `istio_file` merges in (XFCC handling,
 /// path normalization), or none (`None`, a plain client).
-fn hcm(stat_prefix: &str, istio_file: Option<&str>, filters: Vec<Value>, cluster: &str) -> Value {
+pub(crate) fn hcm(
+    stat_prefix: &str,
+    istio_file: Option<&str>,
+    filters: Vec<Value>,
+    cluster: &str,
+) -> Value {
     let mut hcm = json!({
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -214,11 +223,11 @@ fn with_tracing(mut hcm: Value) -> Value {
     hcm
 }
 
-fn router() -> Value {
+pub(crate) fn router() -> Value {
     json!({ "name": "envoy.filters.http.router", "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } })
 }
 
-fn bootstrap(
+pub(crate) fn bootstrap(
     node_id: &str,
     node_extra: Value,
     listeners: Vec<Value>,

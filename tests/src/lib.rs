@@ -3,6 +3,7 @@
 //! that plays Envoy, a launcher for real Envoy processes, the filter's Envoy
 //! configuration, upstreams, and an mTLS client.
 
+pub mod bench_filter;
 pub mod envoy;
 pub mod filter;
 pub mod filter_fixture;

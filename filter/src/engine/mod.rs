@@ -147,16 +147,11 @@ pub fn evaluate_http(
     ) {
         deny_headers.push((name.clone(), policy.clone()));
     }
-    let log_path = match path {
-        None => String::new(),
-        Some(None) => "(not UTF-8)".into(),
-        Some(Some(p)) => p.chars().take(LOG_PATH_MAX).collect(),
-    };
     let log = describe(
         &decision,
         caller.as_ref(),
         resolved.no_identity.as_deref(),
-        &log_path,
+        path,
     );
     HttpOutcome {
         decision,
@@ -240,7 +235,7 @@ pub fn evaluate_network(config: &Config, input: &NetworkInput<'_>) -> NetworkOut
         &decision,
         caller.as_ref(),
         resolved.no_identity.as_deref(),
-        "",
+        None,
     );
     NetworkOutcome {
         decision,
@@ -254,11 +249,27 @@ fn describe(
     decision: &Decision,
     caller: Option<&Caller>,
     no_identity: Option<&str>,
-    path: &str,
+    path: Option<Reading<'_>>,
 ) -> Option<String> {
+    // An allowed request is news only when a dry-run policy would have denied it
+    // or an AUDIT policy matched (a dry-run that agrees is counted, not logged).
+    let noteworthy = !decision.allowed
+        || !decision.audited.is_empty()
+        || decision
+            .dry_run
+            .iter()
+            .any(|(_, shadow)| *shadow == decide::Shadow::WouldDeny);
+    if !noteworthy {
+        return None;
+    }
     let who = caller.map_or("-", |c| c.id.as_str());
     let td = caller.map_or("-", |c| c.id.trust_domain());
     let policy = decision.policy.as_ref().map_or("-", |(p, _)| p.as_str());
+    let path: String = match path {
+        None => String::new(),
+        Some(None) => "(not UTF-8)".into(),
+        Some(Some(p)) => p.chars().take(LOG_PATH_MAX).collect(),
+    };
     let identity_note = no_identity
         .map(|r| format!(" no_identity=\"{r}\""))
         .unwrap_or_default();
@@ -270,16 +281,12 @@ fn describe(
             decision.dry_run, decision.audited
         )
     };
-    if !decision.allowed {
-        Some(format!(
+    Some(if decision.allowed {
+        format!("allowed caller={who} trust_domain={td} policy={policy} path={path:?}{shadow}")
+    } else {
+        format!(
             "denied caller={who} trust_domain={td} policy={policy} reason={:?} path={path:?}{identity_note}{shadow}",
             decision.reason
-        ))
-    } else if !shadow.is_empty() {
-        Some(format!(
-            "allowed caller={who} trust_domain={td} policy={policy} path={path:?}{shadow}"
-        ))
-    } else {
-        None
-    }
+        )
+    })
 }

@@ -1,0 +1,418 @@
+//! `make bench-filter`: what an authorization filter costs the server Envoy, per request.
+//!
+//! Per scenario (principals × policies), one server Envoy per configuration —
+//! (A) no authz filter, (B) Envoy's native RBAC with the rules Istio would
+//! generate (`authenticated.principal_name`), (C) trustweave-filter, (D)
+//! trustweave-filter in dry run — each `--concurrency 1`, mTLS with required
+//! client certificates, a direct 200 response. One client Envoy originates mTLS
+//! with an SVID to each; `wrk` drives the client. Configurations run interleaved
+//! (A B C D A B C D …). The figure that separates the filters is the server
+//! Envoy's CPU time (utime + stime from `/proc/<pid>/stat`) over the run divided
+//! by the requests it served: on 2 cores the load generator saturates first.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::envoy::Envoy;
+use crate::filter::{self, LISTENER, SIDECAR_HCM};
+use crate::pki::{IssuedSvid, TrustDomainCa};
+
+/// The caller every benchmark request comes from; always last in every list.
+pub const CALLER: &str = "spiffe://gcp.company.com/ns/bench/sa/client";
+/// The server's own identity.
+pub const SERVER: &str = "spiffe://gcp.company.com/ns/bench/sa/server";
+
+/// One server configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// No authorization filter.
+    None,
+    /// Envoy's RBAC filter.
+    Rbac,
+    /// trustweave-filter, enforcing.
+    Filter,
+    /// trustweave-filter, every policy in dry run.
+    DryRun,
+}
+
+impl Variant {
+    /// Every variant, in the interleaving order.
+    pub const ALL: [Variant; 4] = [Self::None, Self::Rbac, Self::Filter, Self::DryRun];
+
+    /// Its column label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::None => "A none",
+            Self::Rbac => "B RBAC",
+            Self::Filter => "C trustweave",
+            Self::DryRun => "D dry run",
+        }
+    }
+}
+
+/// A policy size to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scenario {
+    /// Principals per policy (exact, prefix and suffix mixed).
+    pub principals: usize,
+    /// Policies.
+    pub policies: usize,
+}
+
+/// `n` principal patterns, exact / prefix / suffix in turn, none matching [`CALLER`].
+fn principals(policy: usize, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| match i % 3 {
+            0 => format!("spiffe://aws.company.com/ns/p{policy}n{i}/sa/s{i}"),
+            1 => format!("spiffe://azure.company.com/ns/p{policy}n{i}/*"),
+            _ => format!("*/sa/p{policy}suffix{i}"),
+        })
+        .collect()
+}
+
+/// Each policy's principal list; the allowed caller is last in the last policy.
+fn policy_lists(s: Scenario) -> Vec<Vec<String>> {
+    (0..s.policies)
+        .map(|p| {
+            let last = p + 1 == s.policies;
+            let mut list = principals(p, s.principals - usize::from(last));
+            if last {
+                list.push(CALLER.to_string());
+            }
+            list
+        })
+        .collect()
+}
+
+/// The trustweave-filter configuration for a scenario.
+pub fn filter_config(s: Scenario, dry_run: bool) -> String {
+    let policies: Vec<Value> = policy_lists(s)
+        .into_iter()
+        .enumerate()
+        .map(|(i, list)| {
+            json!({ "name": format!("p{i}"), "action": "ALLOW", "dry_run": dry_run,
+                    "rules": [{ "from": { "principals": list } }] })
+        })
+        .collect();
+    let mut config = json!({
+        "placement": "sidecar", "layer": "http", "policies": policies,
+        "local": { "cloud": "gcp", "region": "us-central1", "trust_domain": "gcp.company.com" },
+    });
+    if dry_run {
+        config["default_action"] = json!("ALLOW");
+    }
+    config.to_string()
+}
+
+/// Envoy's RBAC filter with the rules Istio generates for the same policies.
+pub fn rbac_filter(s: Scenario) -> Value {
+    let matcher = |p: &str| {
+        let string_match = if p == "*" {
+            json!({ "safe_regex": { "regex": ".+" } })
+        } else if let Some(suffix) = p.strip_prefix('*') {
+            json!({ "suffix": suffix })
+        } else if let Some(prefix) = p.strip_suffix('*') {
+            json!({ "prefix": prefix })
+        } else {
+            json!({ "exact": p })
+        };
+        json!({ "authenticated": { "principal_name": string_match } })
+    };
+    let policies: serde_json::Map<String, Value> = policy_lists(s)
+        .into_iter()
+        .enumerate()
+        .map(|(i, list)| {
+            let ids: Vec<Value> = list.iter().map(|p| matcher(p)).collect();
+            (
+                format!("ns[bench]-policy[p{i}]-rule[0]"),
+                json!({ "permissions": [{ "any": true }],
+                        "principals": [{ "or_ids": { "ids": ids } }] }),
+            )
+        })
+        .collect();
+    json!({
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": { "action": "ALLOW", "policies": policies }
+        }
+    })
+}
+
+/// The server bootstrap for one variant: mTLS in, the authz filter, a direct 200.
+pub fn server_bootstrap(
+    variant: Variant,
+    s: Scenario,
+    svid: &IssuedSvid,
+    trusted: &[&TrustDomainCa],
+) -> Value {
+    let mut filters = match variant {
+        Variant::None => vec![],
+        Variant::Rbac => vec![rbac_filter(s)],
+        Variant::Filter => vec![filter::http_filter(&filter_config(s, false))],
+        Variant::DryRun => vec![filter::http_filter(&filter_config(s, true))],
+    };
+    filters.push(filter::router());
+    let mut hcm = filter::hcm("inbound", Some(SIDECAR_HCM), filters, "unused");
+    hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0] = json!({
+        "match": { "prefix": "/" },
+        "direct_response": { "status": 200, "body": { "inline_string": "ok" } }
+    });
+    let listener = json!({
+        "name": LISTENER,
+        "address": filter::loopback_any_port(),
+        "filter_chains": [{
+            "transport_socket": filter::downstream_tls(svid, trusted),
+            "filters": [hcm]
+        }]
+    });
+    filter::bootstrap("bench-server", json!({}), vec![listener], vec![])
+}
+
+/// The client bootstrap: one plaintext listener per server, each originating mTLS to it.
+pub fn client_bootstrap(
+    servers: &[SocketAddr],
+    svid: &IssuedSvid,
+    trusted: &[&TrustDomainCa],
+) -> Value {
+    let mut listeners = Vec::new();
+    let mut clusters = Vec::new();
+    for (i, addr) in servers.iter().enumerate() {
+        let name = format!("to{i}");
+        listeners.push(json!({
+            "name": name,
+            "address": filter::loopback_any_port(),
+            "filter_chains": [{ "filters": [filter::hcm(&name, None, vec![filter::router()], &name)] }]
+        }));
+        clusters.push(filter::cluster(
+            &name,
+            *addr,
+            Some(filter::upstream_tls(svid, trusted, None)),
+        ));
+    }
+    filter::bootstrap("bench-client", json!({}), listeners, clusters)
+}
+
+/// CPU time of a process so far (utime + stime), in microseconds.
+pub fn cpu_micros(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    ticks * 1_000_000 / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// Requests the server Envoy's listener has served (its HCM's `downstream_rq_2xx`).
+pub async fn served(envoy: &Envoy) -> u64 {
+    let stats = envoy
+        .admin_get("/stats?filter=^http.inbound.downstream_rq_(2xx|4xx|5xx)$")
+        .await;
+    stats
+        .lines()
+        .filter_map(|l| l.rsplit_once(": "))
+        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Non-2xx answers the server gave (a benchmark where the caller is refused measures nothing).
+pub async fn refused(envoy: &Envoy) -> u64 {
+    let stats = envoy
+        .admin_get("/stats?filter=^http.inbound.downstream_rq_(4xx|5xx)$")
+        .await;
+    stats
+        .lines()
+        .filter_map(|l| l.rsplit_once(": "))
+        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// What `wrk` reported for one run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WrkResult {
+    /// Requests per second.
+    pub rps: f64,
+    /// Median latency, µs.
+    pub p50_us: f64,
+    /// 99th percentile latency, µs.
+    pub p99_us: f64,
+}
+
+fn parse_latency(text: &str) -> Option<f64> {
+    let (number, unit) = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| text.split_at(i))?;
+    let value: f64 = number.parse().ok()?;
+    Some(match unit {
+        "us" => value,
+        "ms" => value * 1e3,
+        "s" => value * 1e6,
+        _ => return None,
+    })
+}
+
+/// Parses wrk's `--latency` output.
+pub fn parse_wrk(output: &str) -> WrkResult {
+    let mut result = WrkResult::default();
+    for line in output.lines().map(str::trim) {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("Requests/sec:"), Some(v)) => result.rps = v.parse().unwrap_or(0.0),
+            (Some("50%"), Some(v)) => result.p50_us = parse_latency(v).unwrap_or(0.0),
+            (Some("99%"), Some(v)) => result.p99_us = parse_latency(v).unwrap_or(0.0),
+            _ => {}
+        }
+    }
+    result
+}
+
+/// Runs `wrk` against `addr` for `duration` in whole seconds, at least one (one
+/// thread, `connections` keep-alive connections).
+pub fn run_wrk(
+    addr: SocketAddr,
+    duration: Duration,
+    connections: u32,
+) -> std::io::Result<WrkResult> {
+    let seconds = duration.as_secs().max(1);
+    let output = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+        ])
+        .arg(format!("http://{addr}/"))
+        .output()?;
+    if !output.status.success() {
+        return Err(std::io::Error::other(format!(
+            "wrk failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    Ok(parse_wrk(&String::from_utf8_lossy(&output.stdout)))
+}
+
+/// One measured run of one variant.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    /// Which configuration.
+    pub variant: Variant,
+    /// Server CPU per request, µs.
+    pub cpu_us_per_request: f64,
+    /// Requests served.
+    pub requests: u64,
+    /// What wrk saw.
+    pub wrk: WrkResult,
+}
+
+/// Median and range of a set of figures.
+pub fn median_range(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let median = if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    };
+    (median, values[0], values[n - 1])
+}
+
+/// The machine, as BENCHMARKS.md states it.
+pub fn machine_facts() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or("?".to_string(), |kb| {
+            format!("{:.1} GiB", kb as f64 / 1048576.0)
+        });
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    let envoy = Command::new(crate::envoy::binary())
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .and_then(|v| {
+            v.split_whitespace()
+                .find(|w| w.contains('/'))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "?".into());
+    format!("{cores} cores ({cpu}), {memory} memory, Envoy {envoy}")
+}
+
+/// Replaces the text between `<!-- {name}:begin -->` and `<!-- {name}:end -->` in `file`
+/// (appending the section when absent).
+pub fn write_section(file: &Path, name: &str, body: &str) -> std::io::Result<()> {
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let current = std::fs::read_to_string(file).unwrap_or_else(|_| {
+        "# Benchmarks\n\nGenerated by `make bench-filter` and `make bench-sds`; not hand-edited.\n".into()
+    });
+    let section = format!("{begin}\n{body}\n{end}");
+    let updated = match (current.find(&begin), current.find(&end)) {
+        (Some(b), Some(e)) if e > b => {
+            format!("{}{}{}", &current[..b], section, &current[e + end.len()..])
+        }
+        _ => format!("{}\n{}\n", current.trim_end(), section),
+    };
+    std::fs::write(file, updated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_parses() {
+        let out = "Running 1s test\n  Latency Distribution\n     50%  412.00us\n     75%  1.02ms\n     99%    2.50ms\n  1234 requests in 1.00s\nRequests/sec:   1234.56\n";
+        let r = parse_wrk(out);
+        assert_eq!((r.rps, r.p50_us, r.p99_us), (1234.56, 412.0, 2500.0));
+    }
+
+    #[test]
+    fn the_caller_is_last_and_only_in_the_last_policy() {
+        let lists = policy_lists(Scenario {
+            principals: 10,
+            policies: 3,
+        });
+        assert_eq!(lists.len(), 3);
+        assert!(lists.iter().all(|l| l.len() == 10));
+        assert_eq!(lists[2].last().map(String::as_str), Some(CALLER));
+        assert!(!lists[0].contains(&CALLER.to_string()));
+    }
+}
