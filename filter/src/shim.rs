@@ -6,8 +6,8 @@
 //! would trap the VM), and an unconfigured or misconfigured plugin denies
 //! (fail closed). Envoy is asked only for what the configuration's policies read.
 
+use rustc_hash::FxHashMap as HashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
@@ -20,7 +20,7 @@ use crate::engine::config::{self, Config, Layer, UriSanCheck};
 use crate::engine::headers::Headers;
 use crate::engine::identity::{EnvoyCertificates, PeerFacts};
 use crate::engine::metrics::{self, MetricSink};
-use crate::engine::{evaluate_http, evaluate_network, HttpInput, NetworkInput, DENY_BODY, XFCC};
+use crate::engine::{evaluate_http, evaluate_network, HttpInput, NetworkInput, DENY_BODY};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -199,7 +199,6 @@ impl HttpContext for HttpFilter {
         let (config, counters) = (&state.config, &state.counters);
         let headers =
             Headers::new(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default());
-        let xfcc = headers.joined_lossy(XFCC);
         let peer = match config.uri_san_check {
             UriSanCheck::Xfcc => {
                 PeerFacts::Digest(property(&["connection", "sha256_peer_certificate_digest"]))
@@ -232,7 +231,6 @@ impl HttpContext for HttpFilter {
             input,
             &mut EnvoyCertificates {
                 peer,
-                xfcc: xfcc.as_deref(),
                 cache: &mut cache,
             },
         );

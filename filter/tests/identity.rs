@@ -46,9 +46,9 @@ fn resolve_with(config: &Config, digest: &str, xfcc: &str) -> Resolved {
         config,
         &mut EnvoyCertificates {
             peer: PeerFacts::Digest(Some(digest.to_string())),
-            xfcc: Some(xfcc),
             cache: &mut cache,
         },
+        &Headers::from_text(&[(XFCC, xfcc)]),
     )
 }
 
@@ -113,9 +113,9 @@ fn a_certificate_that_cannot_be_located_is_no_identity() {
         &c,
         &mut EnvoyCertificates {
             peer: PeerFacts::Digest(None),
-            xfcc: None,
             cache: &mut cache,
         },
+        &Headers::default(),
     );
     assert_eq!(none.no_identity.as_deref(), Some("no peer certificate"));
 }
@@ -178,7 +178,6 @@ fn evaluate_http_strips_only_present_spoofable_headers_and_annotates() {
         },
         &mut EnvoyCertificates {
             peer: PeerFacts::Digest(Some(digest.clone())),
-            xfcc: Some(&xfcc),
             cache: &mut cache,
         },
     );

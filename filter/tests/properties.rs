@@ -120,12 +120,13 @@ proptest! {
         let config = config::parse(include_bytes!("../examples/multi-cloud-policy.json"))
             .expect("example");
         let mut cache = CertCache::default();
+        let mut headers = headers;
+        headers.push(("x-forwarded-client-cert".into(), xfcc.into_bytes()));
         let outcome = evaluate_http(
             &config,
             HttpInput { headers: Headers::new(headers), ..HttpInput::default() },
             &mut EnvoyCertificates {
                 peer: PeerFacts::Digest(digest),
-                xfcc: Some(&xfcc),
                 cache: &mut cache,
             },
         );

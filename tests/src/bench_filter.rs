@@ -7,7 +7,7 @@
 //! client certificates, a direct 200 response. One client Envoy originates mTLS
 //! with an SVID to each; `wrk` drives the client. Configurations run interleaved
 //! (A B C D A B C D …). The figure that separates the filters is the server
-//! Envoy's CPU time (utime + stime from `/proc/<pid>/stat`) over the run divided
+//! Envoy's CPU time (the scheduler's run time of its threads, `/proc/<pid>/task/*/schedstat`) over the run divided
 //! by the requests it served: on 2 cores the load generator saturates first.
 
 use std::net::SocketAddr;
@@ -197,27 +197,37 @@ pub fn client_bootstrap(
     filter::bootstrap("bench-client", json!({}), listeners, clusters)
 }
 
-/// CPU time of a process so far (utime + stime), in microseconds.
-pub fn cpu_micros(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    ticks * 1_000_000 / clock_ticks_per_second()
+/// Pins every thread of `pid` to `cpu` (`taskset`), so that the measured server
+/// has a core of its own and the load generator and client share the other.
+pub fn pin(pid: u32, cpu: usize) {
+    let _ = Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .output();
 }
 
-fn clock_ticks_per_second() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100)
+/// The core the servers run on (the last), and the one load runs on (the first).
+pub fn cores() -> (usize, usize) {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (n.saturating_sub(1), 0)
+}
+
+/// CPU time of a process so far, in microseconds: the sum over its threads of
+/// the run time the scheduler accounted (`/proc/<pid>/task/*/schedstat`, in
+/// nanoseconds; `utime`/`stime` are sampled at clock ticks and far coarser).
+pub fn cpu_micros(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let nanos: u64 = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| {
+            stat.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum();
+    nanos / 1_000
 }
 
 /// Requests the server Envoy's listener has served (its HCM's `downstream_rq_2xx`).

@@ -275,48 +275,47 @@ impl Annotator {
         if !self.baggage {
             return BaggageChange::Keep;
         }
-        let owned: Vec<String> = OWNED_BAGGAGE_KEYS
+        let mut owned = String::new();
+        for (key, value) in OWNED_BAGGAGE_KEYS
             .into_iter()
             .zip([&local.cloud, &local.region])
-            .filter_map(|(key, value)| {
-                value
-                    .as_ref()
-                    .map(|v| format!("{key}={}", percent_encode(v)))
-            })
-            .collect();
-        let members: Vec<&str> = existing
-            .into_iter()
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .collect();
-        let key_of = |m: &str| m.split(['=', ';']).next().unwrap_or("").trim().to_string();
-        let client_owned = members
-            .iter()
-            .any(|m| OWNED_BAGGAGE_KEYS.contains(&key_of(m).as_str()));
-        if owned.is_empty() && !client_owned {
+        {
+            if let Some(value) = value {
+                if !owned.is_empty() {
+                    owned.push(',');
+                }
+                owned.push_str(key);
+                owned.push('=');
+                percent_encode_into(value, &mut owned);
+            }
+        }
+        let owned_count = owned.split(',').filter(|m| !m.is_empty()).count();
+        let is_owned = |m: &str| OWNED_BAGGAGE_KEYS.contains(&baggage_key(m));
+        let members = || {
+            existing
+                .into_iter()
+                .flat_map(|s| s.split(','))
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+        };
+        if owned.is_empty() && !members().any(is_owned) {
             return BaggageChange::Keep;
         }
-        let mut bytes: usize = owned.iter().map(|m| m.len() + 1).sum();
-        let mut kept: Vec<&str> = Vec::new();
-        for member in members
-            .iter()
-            .filter(|m| !OWNED_BAGGAGE_KEYS.contains(&key_of(m).as_str()))
-        {
-            if kept.len() + owned.len() + 1 > BAGGAGE_MAX_MEMBERS
-                || bytes + member.len() + 1 > BAGGAGE_MAX_BYTES + 1
-            {
+        let mut value = String::with_capacity(existing.map_or(0, str::len) + owned.len() + 1);
+        let (mut count, mut bytes) = (owned_count, owned.len());
+        for member in members().filter(|m| !is_owned(m)) {
+            if count + 1 > BAGGAGE_MAX_MEMBERS || bytes + member.len() + 1 > BAGGAGE_MAX_BYTES {
                 break;
             }
+            count += 1;
             bytes += member.len() + 1;
-            kept.push(member);
+            value.push_str(member);
+            value.push(',');
         }
-        let value = kept
-            .into_iter()
-            .map(str::to_string)
-            .chain(owned)
-            .collect::<Vec<_>>()
-            .join(",");
+        value.push_str(&owned);
+        if value.ends_with(',') {
+            value.pop();
+        }
         if value.is_empty() {
             BaggageChange::Remove
         } else {
@@ -325,17 +324,26 @@ impl Annotator {
     }
 }
 
-/// Percent-encodes what W3C baggage values may not carry raw.
-fn percent_encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
+/// The key of a W3C baggage list-member.
+fn baggage_key(member: &str) -> &str {
+    member.split(['=', ';']).next().unwrap_or("").trim()
+}
+
+/// Percent-encodes into `out` what W3C baggage values may not carry raw.
+fn percent_encode_into(value: &str, out: &mut String) {
+    for b in value.bytes() {
+        match b {
             b'!' | b'#'..=b'+' | b'-'..=b':' | b'<'..=b'[' | b']'..=b'~' if b != b'%' => {
-                (b as char).to_string()
+                out.push(b as char)
             }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                out.push('%');
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 15)] as char);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

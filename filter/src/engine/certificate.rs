@@ -19,9 +19,11 @@
 //! Parsed results are cached per worker by digest ([`CertCache`]): a connection's
 //! requests after its first cost a hash-map lookup.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use sha2::{Digest, Sha256};
+
+use super::identity::{workload_identity, Identity};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -199,30 +201,34 @@ pub fn forwarded_by_gateway(xfcc: Option<&str>) -> Option<Forwarded<'_>> {
     }
 }
 
-/// Parsed certificates by digest, per worker (a connection's later requests skip the parse).
+/// What each certificate proves, by digest, per worker (a connection's later
+/// requests skip the parse): its workload identity, or why it has none.
 #[derive(Debug, Default)]
 pub struct CertCache {
-    entries: HashMap<String, CertSans>,
+    entries: HashMap<String, Identity>,
     /// How many certificates were parsed (cache misses), for metrics.
     pub parsed: u64,
 }
 
 impl CertCache {
-    /// The cached result for `digest`, or `compute`'s (remembered unless `digest` is empty).
-    pub fn get_or_insert(&mut self, digest: &str, compute: impl FnOnce() -> CertSans) -> CertSans {
+    /// What the certificate with `digest` proves: cached, or read by `locate`
+    /// (remembered when the certificate was found: a certificate that could not
+    /// be located may be found on the next request).
+    pub fn get_or_insert(&mut self, digest: &str, locate: impl FnOnce() -> CertSans) -> Identity {
         if let Some(hit) = self.entries.get(digest) {
             return hit.clone();
         }
-        let value = compute();
+        let sans = locate();
         self.parsed += 1;
-        // Only a certificate that was found is remembered: a miss may succeed on the next request.
-        if !digest.is_empty() && value.is_ok() {
+        let found = sans.is_ok();
+        let identity = workload_identity(&sans);
+        if found && !digest.is_empty() {
             if self.entries.len() >= CACHE_CAPACITY {
                 self.entries.clear();
             }
-            self.entries.insert(digest.to_string(), value.clone());
+            self.entries.insert(digest.to_string(), identity.clone());
         }
-        value
+        identity
     }
 
     /// Entries held.
@@ -296,6 +302,11 @@ mod tests {
         let before = cache.parsed;
         let _ = cache.get_or_insert("miss", || Ok(vec!["u".into()]));
         assert_eq!(cache.parsed, before + 1, "a failure is not cached");
-        let _ = cache.get_or_insert("miss", || unreachable!("cached"));
+        assert!(
+            cache
+                .get_or_insert("miss", || unreachable!("cached"))
+                .is_err(),
+            "u is no SPIFFE ID"
+        );
     }
 }

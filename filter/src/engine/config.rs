@@ -4,7 +4,9 @@
 //! Unknown fields are errors. Every error names the field path, e.g.
 //! `policies[2].rules[0].from.principals[1]: …`, so an operator can fix it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use serde::Deserialize;
 
@@ -429,7 +431,7 @@ fn require_objects(e: &mut Errors, root: &serde_json::Value) {
 pub fn compile(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     let mut errors = Errors::default();
     let e = &mut errors;
-    let mut names = HashSet::new();
+    let mut names = HashSet::default();
     let mut policies = Vec::with_capacity(raw.policies.len());
     for (p, policy) in raw.policies.iter().enumerate() {
         let at = format!("policies[{p}]");
@@ -619,7 +621,7 @@ fn compile_rule(e: &mut Errors, at: &str, rule: &RawRule, layer: Layer) -> Compi
         }
         headers.push((name.clone(), e.patterns(&field, values)));
     }
-    let mut allowed_actions = HashMap::new();
+    let mut allowed_actions = HashMap::default();
     for (caller, actions) in &t.allowed_actions {
         e.spiffe_id(&format!("{at}.to.allowed_actions.{caller}"), caller);
         allowed_actions.insert(caller.clone(), actions.iter().cloned().collect());

@@ -11,15 +11,21 @@
 
 use super::certificate::{self, CertCache, CertSans};
 use super::config::Config;
+use super::headers::Headers;
 use super::spiffe_id::SpiffeId;
+use super::XFCC;
+
+/// What a certificate proves: a workload identity, or why it proves none.
+pub type Identity = Result<SpiffeId, String>;
 
 /// Where the identity facts of one request come from.
 pub trait PeerCertificates {
-    /// The direct peer's URI SANs; `None` when it presented no certificate.
-    fn peer(&mut self) -> Option<CertSans>;
-    /// The URI SANs of the caller a trusted gateway forwarded (asked only when
-    /// the peer is a trusted gateway); `None` when it forwarded none.
-    fn forwarded(&mut self) -> Option<CertSans>;
+    /// What the direct peer's certificate proves; `None` when it presented none.
+    /// `headers` are the request's, for `x-forwarded-client-cert`.
+    fn peer(&mut self, headers: &Headers) -> Option<Identity>;
+    /// What the certificate of the caller a trusted gateway forwarded proves
+    /// (asked only when the peer is a trusted gateway); `None` when it forwarded none.
+    fn forwarded(&mut self, headers: &Headers) -> Option<Identity>;
 }
 
 /// Certificates stated outright (tests and `trustweave-policy check`).
@@ -32,11 +38,11 @@ pub struct StatedCertificates {
 }
 
 impl PeerCertificates for StatedCertificates {
-    fn peer(&mut self) -> Option<CertSans> {
-        self.peer.clone()
+    fn peer(&mut self, _: &Headers) -> Option<Identity> {
+        self.peer.as_ref().map(workload_identity)
     }
-    fn forwarded(&mut self) -> Option<CertSans> {
-        self.forwarded.clone()
+    fn forwarded(&mut self, _: &Headers) -> Option<Identity> {
+        self.forwarded.as_ref().map(workload_identity)
     }
 }
 
@@ -49,39 +55,43 @@ pub enum PeerFacts {
     FirstUriSan(Option<String>),
 }
 
-/// What Envoy tells the filter, resolved to certificates through a per-worker cache.
+/// What Envoy tells the filter, resolved to identities through a per-worker cache.
 pub struct EnvoyCertificates<'a> {
     /// What Envoy said about the peer.
     pub peer: PeerFacts,
-    /// The request's `x-forwarded-client-cert`, all values joined.
-    pub xfcc: Option<&'a str>,
-    /// Parsed certificates by digest.
+    /// What each certificate proves, by digest.
     pub cache: &'a mut CertCache,
 }
 
+/// The request's `x-forwarded-client-cert`, every value joined (bytes that are
+/// not UTF-8 replaced: only its ASCII structure is searched). Read only when a
+/// certificate is not in the cache, or a gateway forwarded one.
+fn xfcc_text(headers: &Headers) -> Option<String> {
+    headers.joined_lossy(XFCC)
+}
+
 impl PeerCertificates for EnvoyCertificates<'_> {
-    fn peer(&mut self) -> Option<CertSans> {
+    fn peer(&mut self, headers: &Headers) -> Option<Identity> {
         match &self.peer {
             PeerFacts::FirstUriSan(uri) => uri
                 .as_ref()
                 .filter(|u| !u.is_empty())
-                .map(|u| Ok(vec![u.clone()])),
+                .map(|u| workload_identity(&Ok(vec![u.clone()]))),
             PeerFacts::Digest(digest) => {
                 let digest = digest.as_deref().filter(|d| !d.is_empty())?;
-                let xfcc = self.xfcc;
-                Some(
-                    self.cache
-                        .get_or_insert(digest, || certificate::locate_peer(xfcc, digest)),
-                )
+                Some(self.cache.get_or_insert(digest, || {
+                    certificate::locate_peer(xfcc_text(headers).as_deref(), digest)
+                }))
             }
         }
     }
 
-    fn forwarded(&mut self) -> Option<CertSans> {
-        let forwarded = certificate::forwarded_by_gateway(self.xfcc)?;
+    fn forwarded(&mut self, headers: &Headers) -> Option<Identity> {
+        let xfcc = xfcc_text(headers)?;
+        let forwarded = certificate::forwarded_by_gateway(Some(&xfcc))?;
         Some(match forwarded.hash {
             Some(hash) => self.cache.get_or_insert(hash, || forwarded.sans()),
-            None => forwarded.sans(),
+            None => workload_identity(&forwarded.sans()),
         })
     }
 }
@@ -118,7 +128,7 @@ impl Resolved {
 }
 
 /// The workload identity of a certificate: exactly one URI SAN, a SPIFFE ID with a path.
-pub fn workload_identity(sans: &CertSans) -> Result<SpiffeId, String> {
+pub fn workload_identity(sans: &CertSans) -> Identity {
     let sans = sans.as_ref().map_err(Clone::clone)?;
     let [only] = sans.as_slice() else {
         return Err(format!(
@@ -136,13 +146,11 @@ pub fn workload_identity(sans: &CertSans) -> Result<SpiffeId, String> {
 }
 
 /// Resolves the caller of an HTTP request.
-pub fn resolve(config: &Config, certs: &mut dyn PeerCertificates) -> Resolved {
-    let peer = match certs.peer() {
+pub fn resolve(config: &Config, certs: &mut dyn PeerCertificates, headers: &Headers) -> Resolved {
+    let peer = match certs.peer(headers) {
         None => return Resolved::none(None, "no peer certificate"),
-        Some(sans) => match workload_identity(&sans) {
-            Ok(id) => id,
-            Err(reason) => return Resolved::none(None, format!("peer: {reason}")),
-        },
+        Some(Ok(id)) => id,
+        Some(Err(reason)) => return Resolved::none(None, format!("peer: {reason}")),
     };
     if !config.trusted_gateways.contains(peer.as_str()) {
         return Resolved {
@@ -153,7 +161,7 @@ pub fn resolve(config: &Config, certs: &mut dyn PeerCertificates) -> Resolved {
         };
     }
     // A trusted gateway is never the caller itself: it vouches for the caller it verified.
-    match certs.forwarded().map(|sans| workload_identity(&sans)) {
+    match certs.forwarded(headers) {
         None => Resolved::none(Some(peer), "trusted gateway forwarded no caller"),
         Some(Err(reason)) => Resolved::none(Some(peer), format!("forwarded caller: {reason}")),
         // With nothing forwarded, the header's first element is Envoy's own for the gateway.

@@ -76,7 +76,7 @@ pub fn evaluate_http(
         sni,
         node,
     } = input;
-    let resolved = identity::resolve(config, certs);
+    let resolved = identity::resolve(config, certs, &headers);
     let trusted_peer = resolved.peer_is_trusted_gateway(config);
     let annotator = &config.annotator;
     let caller = resolved.caller.clone().map(|id| annotator.caller(id));

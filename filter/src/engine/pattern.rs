@@ -5,7 +5,11 @@
 //! lookup for exact values plus one lookup per distinct prefix or suffix
 //! *length* — independent of how many patterns the set holds.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
+
+// FxHash: the keys come from the configuration, and SipHash costs more than the
+// rest of a request's matching inside the wasm VM.
+use rustc_hash::FxHashSet as HashSet;
 
 /// One parsed pattern.
 #[derive(Clone, Debug, PartialEq, Eq)]

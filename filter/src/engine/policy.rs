@@ -1,6 +1,6 @@
 //! Compiled policies and rule matching against one request's facts.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use serde::Deserialize;
 

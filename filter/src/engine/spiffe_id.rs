@@ -6,6 +6,7 @@
 //! query and fragment are all invalid (their characters are outside both sets).
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest SPIFFE ID accepted, in bytes (the standard's limit for URI SANs).
 pub const MAX_LEN: usize = 2048;
@@ -14,7 +15,8 @@ const SCHEME: &str = "spiffe://";
 /// A valid SPIFFE ID.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SpiffeId {
-    id: String,
+    /// Shared: an identity is cloned per request from the certificate cache.
+    id: Arc<str>,
     trust_domain_len: usize,
 }
 
@@ -70,7 +72,7 @@ impl SpiffeId {
             }
         }
         Ok(Self {
-            id: s.to_string(),
+            id: Arc::from(s),
             trust_domain_len: trust_domain.len(),
         })
     }

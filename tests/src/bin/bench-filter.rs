@@ -115,6 +115,9 @@ async fn main() -> anyhow::Result<()> {
             )
             .await;
             envoy.wait_live().await;
+            if let Some(pid) = envoy.pid() {
+                bench_filter::pin(pid, bench_filter::cores().0);
+            }
             let addr = envoy.listener(LISTENER).await;
             servers.push((variant, envoy, addr));
         }
@@ -126,6 +129,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .await;
         client.wait_live().await;
+        if let Some(pid) = client.pid() {
+            bench_filter::pin(pid, bench_filter::cores().1);
+        }
         let mut entries = Vec::new();
         for i in 0..servers.len() {
             entries.push(client.listener(&format!("to{i}")).await);
@@ -204,9 +210,10 @@ async fn main() -> anyhow::Result<()> {
     let body = format!(
         "## Filter overhead (`make bench-filter`)\n\n\
          Machine: {}. Server Envoy `--concurrency 1`, mTLS with required client certificates, \
-         direct 200 response; client Envoy originating mTLS with an SVID; `wrk -t1 -c{}`; \
+         direct 200 response, pinned to a core of its own; client Envoy originating mTLS with an \
+         SVID and `wrk -t1 -c{}` share the other core; \
          configurations interleaved (A B C D × {} rounds after a warm-up round, {} s each). \
-         Figures: server Envoy CPU time (utime + stime from `/proc/<pid>/stat`) per request \
+         Figures: server Envoy CPU time (scheduler run time of its threads, `/proc/<pid>/task/*/schedstat`) per request \
          served, median (min–max) over rounds. B is Envoy's RBAC with Istio's \
          `authenticated.principal_name` matchers; C and D are trustweave-filter as shipped \
          (identity from the certificate, annotation headers and baggage set); the allowed \
