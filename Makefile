@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENVOY_BIN = $(shell scripts/envoy-bin.sh)
 export ENVOY_BIN
 
-.PHONY: setup demo test lint build wasm bench
+.PHONY: setup demo test lint build wasm bench bench-filter
 
 setup:
 	@scripts/setup.sh
@@ -29,6 +29,7 @@ test: setup lint wasm
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
 	python3 -m pytest -q tests/manifests
+	./target/debug/bench-filter --smoke
 
 lint:
 	cargo fmt --all --check
@@ -38,3 +39,8 @@ lint:
 ## Benchmarks print figures side by side (no timing assertions in tests).
 bench:
 	cargo run --release -p trustweave-filter --example policy_size_bench
+
+## Server Envoy CPU per request: no filter, Envoy RBAC, trustweave-filter, dry run (writes BENCHMARKS.md).
+bench-filter: setup wasm
+	cargo build --release -p trustweave-e2e --bin bench-filter
+	./target/release/bench-filter --output BENCHMARKS.md
