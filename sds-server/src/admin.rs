@@ -26,7 +26,7 @@ pub fn is_ready(published: &Published) -> bool {
     published
         .snapshot
         .default_svid()
-        .is_some_and(|svid| svid.leaf.is_valid_at(SystemTime::now()))
+        .is_some_and(|svid| !svid.leaf.is_expired_at(SystemTime::now()))
 }
 
 /// Serves the admin endpoint on `listener` until the task is dropped.
@@ -60,12 +60,11 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
-    let snapshot = Arc::clone(&state.snapshots.borrow());
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.encode(&snapshot.snapshot),
+        state.metrics.encode(),
     )
 }

@@ -58,9 +58,19 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0600")]
     pub socket_mode: String,
 
-    /// UIDs allowed to connect (checked with SO_PEERCRED); comma-separated, empty = any.
+    /// UIDs allowed to connect (checked with SO_PEERCRED), comma-separated;
+    /// default: the server's own UID only.
     #[arg(long, value_delimiter = ',')]
     pub allowed_uids: Vec<u32>,
+
+    /// Most open SDS connections.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// A connection that sends nothing for this many seconds is closed
+    /// (Envoy answers the server's keepalive pings, sent every third of it).
+    #[arg(long, default_value_t = 90)]
+    pub idle_timeout_secs: u64,
 
     /// Name of the default X.509-SVID secret.
     #[arg(long, default_value = "default")]
@@ -104,8 +114,10 @@ pub struct ServerConfig {
     pub sds_socket: PathBuf,
     /// File mode of the SDS socket.
     pub socket_mode: u32,
-    /// UIDs allowed to connect; empty = any.
+    /// UIDs allowed to connect.
     pub allowed_uids: Vec<u32>,
+    /// Bounds on clients.
+    pub limits: crate::listener::Limits,
     /// Secret names served.
     pub names: SecretNames,
     /// Default trust rendering.
@@ -187,6 +199,28 @@ impl ServeArgs {
                 "must be positive and not above --reconnect-max-ms",
             ));
         }
+        let allowed_uids = if self.allowed_uids.is_empty() {
+            vec![crate::listener::own_uid().ok_or_else(|| {
+                invalid(
+                    "--allowed-uids",
+                    "not set and the server's own UID is unknown",
+                )
+            })?]
+        } else {
+            self.allowed_uids.clone()
+        };
+        if self.max_connections == 0 {
+            return Err(invalid("--max-connections", "must be positive"));
+        }
+        if self.idle_timeout_secs < 3 {
+            return Err(invalid("--idle-timeout-secs", "must be at least 3"));
+        }
+        let limits = crate::listener::Limits {
+            max_connections: self.max_connections,
+            keepalive: Duration::from_secs(self.idle_timeout_secs / 3),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            ..crate::listener::Limits::default()
+        };
         Ok(ServerConfig {
             source: SourceConfig {
                 endpoint,
@@ -195,7 +229,8 @@ impl ServeArgs {
             },
             sds_socket: self.sds_socket.clone(),
             socket_mode,
-            allowed_uids: self.allowed_uids.clone(),
+            allowed_uids,
+            limits,
             names,
             trust_format: self.rootca_format,
             admin_addr,
@@ -229,6 +264,11 @@ mod tests {
         assert_eq!(config.sds_socket, PathBuf::from(DEFAULT_SDS_SOCKET));
         assert_eq!(config.socket_mode, 0o600);
         assert_eq!(config.names, SecretNames::default());
+        assert_eq!(
+            config.allowed_uids,
+            vec![crate::listener::own_uid().expect("uid")],
+            "only the server's own UID by default"
+        );
         let admin = config.admin_addr.expect("admin on");
         assert!(admin.ip().is_loopback());
         assert!(!(15000..=15099).contains(&admin.port()));

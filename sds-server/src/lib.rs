@@ -1,9 +1,10 @@
 //! trustweave-sds: an Envoy SDS v3 server that streams X.509-SVIDs and
 //! federated trust bundles from the SPIFFE Workload API (the SPIRE agent).
 //!
-//! Data flows one way: [`source`] (Workload API) → [`snapshot`] (validated,
-//! last good kept) → a `watch` channel → per-stream state machines in [`sds`]
-//! → Envoy. [`render`] turns a snapshot into Envoy `Secret`s.
+//! Data flows one way: [`source`] (Workload API; the only writer) →
+//! [`snapshot`] (validated, last good kept, rendered once by [`render`]) → a
+//! `watch` channel → per-stream state machines in [`sds`] → Envoy. [`listener`]
+//! bounds who may connect, how many and for how long.
 
 #![forbid(unsafe_code)]
 
@@ -20,10 +21,11 @@ pub mod source;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub use config::ServerConfig;
 use metrics::Metrics;
@@ -53,9 +55,13 @@ pub struct RunningServer {
     admin_addr: Option<SocketAddr>,
     sds_socket: PathBuf,
     background: Vec<JoinHandle<()>>,
+    stop_streams: watch::Sender<bool>,
     stop_grpc: oneshot::Sender<()>,
     grpc: JoinHandle<()>,
 }
+
+/// How long shutdown waits for connections to close before dropping them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 impl RunningServer {
     /// The admin endpoint's bound address, if enabled.
@@ -78,17 +84,25 @@ impl RunningServer {
         admin::is_ready(&self.snapshots.borrow())
     }
 
-    /// Stops the source, ends every SDS stream, and removes the socket file.
-    pub async fn shutdown(self) {
+    /// Stops the source, ends every SDS stream, and removes the socket file;
+    /// bounded by [`SHUTDOWN_GRACE`] even when clients stopped reading.
+    pub async fn shutdown(mut self) {
         for task in &self.background {
             task.abort();
         }
         for task in self.background {
             let _ = task.await;
         }
-        // The source tasks held the only sender: streams see the channel close and end.
+        let _ = self.stop_streams.send(true);
         let _ = self.stop_grpc.send(());
-        let _ = self.grpc.await;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.grpc)
+            .await
+            .is_err()
+        {
+            warn!("SDS connections did not close within {SHUTDOWN_GRACE:?}; dropping them");
+            self.grpc.abort();
+            let _ = self.grpc.await;
+        }
         let _ = std::fs::remove_file(&self.sds_socket);
         info!("trustweave-sds stopped");
     }
@@ -101,9 +115,11 @@ impl RunningServer {
 
 /// Starts the Workload API source, the SDS socket and the admin endpoint.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
-    let metrics = Arc::new(Metrics::new());
-    let (tx, snapshots) = watch::channel(Arc::new(Published::now(IdentitySnapshot::default())));
-    let tx = Arc::new(tx);
+    let (tx, snapshots) = watch::channel(Arc::new(Published::now(
+        IdentitySnapshot::default(),
+        &config.names,
+    )));
+    let metrics = Arc::new(Metrics::new(snapshots.clone()));
 
     let unix = listener::bind(&config.sds_socket, config.socket_mode).await?;
     let admin = match config.admin_addr {
@@ -116,15 +132,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     };
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
 
-    let mut background = vec![
-        tokio::spawn(source::run(
-            config.source.clone(),
-            Arc::clone(&tx),
-            Arc::clone(&metrics),
-        )),
-        tokio::spawn(source::expire_svids(Arc::clone(&tx))),
-    ];
-    drop(tx);
+    let owner = source::IdentityOwner::new(tx, config.names.clone(), Arc::clone(&metrics));
+    let mut background = vec![tokio::spawn(source::run(config.source.clone(), owner))];
     if let Some(admin) = admin {
         let (snapshots, metrics) = (snapshots.clone(), Arc::clone(&metrics));
         background.push(tokio::spawn(async move {
@@ -134,16 +143,27 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         }));
     }
 
+    let (stop_streams, streams_stop) = watch::channel(false);
     let service = sds::SdsService::new(
         snapshots.clone(),
         config.names.clone(),
         config.trust_format,
         Arc::clone(&metrics),
+        streams_stop,
     );
-    let incoming = listener::incoming(unix, config.allowed_uids.clone());
+    let limits = config.limits.clone();
+    let incoming = listener::incoming(
+        unix,
+        config.allowed_uids.clone(),
+        limits.clone(),
+        Arc::clone(&metrics),
+    );
     let (stop_grpc, stopped) = oneshot::channel::<()>();
     let grpc = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            .http2_keepalive_interval(Some(limits.keepalive))
+            .http2_keepalive_timeout(Some(limits.keepalive))
             .add_service(sds::server(service))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
@@ -165,6 +185,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         admin_addr,
         sds_socket: config.sds_socket,
         background,
+        stop_streams,
         stop_grpc,
         grpc,
     })

@@ -3,17 +3,26 @@
 //! Label sets are bounded: the protocol (`sotw`, `delta`, `fetch`) and trust
 //! domain names from the workload's own bundle set. Nothing secret is ever a label.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 
-use crate::snapshot::IdentitySnapshot;
+use crate::snapshot::Published;
+
+/// Label of a refusal or rejection: a short, fixed reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    /// e.g. `too_many_names`, `connections`, `key_mismatch`.
+    pub reason: &'static str,
+}
 
 /// Label for metrics split by discovery protocol.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,23 +52,67 @@ pub struct Metrics {
     pub push_latency: Histogram,
     /// 1 while the Workload API stream is up, else 0.
     pub workload_api_connected: Gauge,
-    /// Seconds until the default SVID expires (negative or absent when none is held).
-    pub svid_expiry_seconds: Gauge<f64, AtomicU64>,
-    /// Number of CA certificates per trust domain in the current bundle set.
-    pub bundle_cas: Family<TrustDomainLabel, Gauge>,
+    /// Workload API errors and refused material, by reason.
+    pub workload_api_rejected: Family<RefusalLabel, Counter>,
+    /// Clients, requests and connections refused, by reason.
+    pub refused: Family<RefusalLabel, Counter>,
+    /// Open SDS connections.
+    pub connections_open: Gauge,
+}
+
+/// Metrics read off the published snapshot at each scrape (never mutated on scrape).
+#[derive(Debug)]
+struct SnapshotCollector(watch::Receiver<Arc<Published>>);
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let published = Arc::clone(&self.0.borrow());
+        let snapshot = &published.snapshot;
+        // Absent, not zero, when no default SVID is held.
+        if let Some(svid) = snapshot.default_svid() {
+            let left = match svid.leaf.not_after.duration_since(SystemTime::now()) {
+                Ok(left) => left.as_secs_f64(),
+                Err(past) => -past.duration().as_secs_f64(),
+            };
+            let gauge = ConstGauge::new(left);
+            let metric = encoder.encode_descriptor(
+                "svid_expiry_seconds",
+                "Seconds until the default SVID expires (absent when none is held)",
+                None,
+                gauge.metric_type(),
+            )?;
+            gauge.encode(metric)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "trust_bundle_cas",
+            "CA certificates per trust domain",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (td, bundle) in &snapshot.bundles {
+            let label = TrustDomainLabel {
+                trust_domain: td.clone(),
+            };
+            let gauge = ConstGauge::new(i64::try_from(bundle.roots_der.len()).unwrap_or(i64::MAX));
+            gauge.encode(family.encode_family(&label)?)?;
+        }
+        Ok(())
+    }
 }
 
 impl Metrics {
-    /// Creates and registers every metric under the `trustweave_sds` prefix.
-    pub fn new() -> Self {
+    /// Creates and registers every metric under the `trustweave_sds` prefix;
+    /// snapshot-derived gauges are read from `snapshots` at each scrape.
+    pub fn new(snapshots: watch::Receiver<Arc<Published>>) -> Self {
         let mut metrics = Self {
             streams_open: Family::default(),
             pushes: Family::default(),
             nacks: Family::default(),
             push_latency: Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
             workload_api_connected: Gauge::default(),
-            svid_expiry_seconds: Gauge::default(),
-            bundle_cas: Family::default(),
+            workload_api_rejected: Family::default(),
+            refused: Family::default(),
+            connections_open: Gauge::default(),
             registry: Registry::with_prefix("trustweave_sds"),
         };
         let registry = &mut metrics.registry;
@@ -85,45 +138,41 @@ impl Metrics {
             metrics.workload_api_connected.clone(),
         );
         registry.register(
-            "svid_expiry_seconds",
-            "Seconds until the default SVID expires",
-            metrics.svid_expiry_seconds.clone(),
+            "workload_api_rejected",
+            "Workload API errors and refused material, by reason",
+            metrics.workload_api_rejected.clone(),
         );
         registry.register(
-            "trust_bundle_cas",
-            "CA certificates per trust domain",
-            metrics.bundle_cas.clone(),
+            "refused",
+            "SDS clients, requests and connections refused, by reason",
+            metrics.refused.clone(),
         );
+        registry.register(
+            "connections_open",
+            "Open SDS connections",
+            metrics.connections_open.clone(),
+        );
+        registry.register_collector(Box::new(SnapshotCollector(snapshots)));
         metrics
     }
 
-    /// Refreshes the snapshot-derived gauges and encodes everything in the text format.
-    pub fn encode(&self, snapshot: &IdentitySnapshot) -> String {
-        let expiry = snapshot.default_svid().map(|svid| {
-            match svid.leaf.not_after.duration_since(SystemTime::now()) {
-                Ok(left) => left.as_secs_f64(),
-                Err(past) => -past.duration().as_secs_f64(),
-            }
-        });
-        self.svid_expiry_seconds.set(expiry.unwrap_or(0.0));
-        self.bundle_cas.clear();
-        for (td, bundle) in &snapshot.bundles {
-            let label = TrustDomainLabel {
-                trust_domain: td.clone(),
-            };
-            self.bundle_cas
-                .get_or_create(&label)
-                .set(i64::try_from(bundle.roots_der.len()).unwrap_or(i64::MAX));
-        }
+    /// Counts one refusal.
+    pub fn refuse(&self, reason: &'static str) {
+        self.refused.get_or_create(&RefusalLabel { reason }).inc();
+    }
+
+    /// Counts one Workload API error or refused context.
+    pub fn reject(&self, reason: &'static str) {
+        self.workload_api_rejected
+            .get_or_create(&RefusalLabel { reason })
+            .inc();
+    }
+
+    /// Encodes everything in the text format.
+    pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }

@@ -9,7 +9,14 @@
 //!
 //! Trust is rendered as Envoy's SPIFFE certificate validator (one entry per
 //! trust domain, sorted by name, no SAN matchers) or, in PEM mode, as a plain
-//! `trusted_ca` holding every root.
+//! `trusted_ca`. A plain `trusted_ca` cannot scope a root to its trust domain,
+//! so in PEM mode `ROOTCA` holds the **own** trust domain's roots only (as
+//! SPIRE does): otherwise any federated CA could mint identities in ours.
+//! Federated roots reach PEM clients only by their explicit names (`ALL`,
+//! `spiffe://<td>`).
+//!
+//! [`Rendered`] renders every secret of a snapshot once, when it is published;
+//! every stream shares those bytes and keeps only their versions.
 
 use envoy_types::pb::envoy::config::core::v3::{
     data_source::Specifier, DataSource, TypedExtensionConfig,
@@ -18,8 +25,11 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     secret, spiffe_cert_validator_config::TrustDomain as SpiffeTrustDomain,
     CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate,
 };
+use std::collections::BTreeMap;
+
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
+use zeroize::Zeroize;
 
 use crate::snapshot::{IdentitySnapshot, Svid, TrustBundle};
 
@@ -75,6 +85,13 @@ pub fn render(
             .default_svid()
             .map(|svid| tls_certificate(name, svid));
     }
+    if name == names.default_bundle && format == TrustFormat::Pem {
+        let own = snapshot
+            .own_trust_domain
+            .as_ref()
+            .and_then(|td| snapshot.bundles.get_key_value(td));
+        return validation_context(name, own.into_iter(), format);
+    }
     if name == names.default_bundle || name == names.all_bundles {
         return validation_context(name, snapshot.bundles.iter(), format);
     }
@@ -122,10 +139,100 @@ fn tls_certificate(name: &str, svid: &Svid) -> Secret {
         name: name.to_string(),
         r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
             certificate_chain: Some(inline(pem_certificates(&svid.chain_der))),
-            private_key: Some(inline(svid.private_key.to_pem())),
+            private_key: Some(inline(svid.private_key.to_pem().to_vec())),
             ..Default::default()
         })),
     }
+}
+
+/// One secret, encoded once: its version (a digest of name and bytes) and the
+/// `Any` every stream sends. Bytes holding a private key are zeroized on drop
+/// and never shown by `Debug`.
+pub struct RenderedSecret {
+    /// Digest of the name and encoded bytes; changes iff the content changes.
+    pub version: String,
+    /// The packed `Secret`.
+    pub any: Any,
+}
+
+impl RenderedSecret {
+    fn new(name: &str, secret: Secret) -> Self {
+        let any = to_any(secret);
+        Self {
+            version: crate::sds::content_version([(name, any.value.as_slice())]),
+            any,
+        }
+    }
+}
+
+impl std::fmt::Debug for RenderedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RenderedSecret")
+            .field("version", &self.version)
+            .field("bytes", &self.any.value.len())
+            .finish()
+    }
+}
+
+impl Drop for RenderedSecret {
+    fn drop(&mut self) {
+        self.any.value.zeroize();
+    }
+}
+
+/// Every secret one snapshot can serve, rendered once and shared by all streams.
+#[derive(Debug, Default)]
+pub struct Rendered {
+    /// Names available now, sorted: what a wildcard subscription receives.
+    available: Vec<String>,
+    /// Secrets in the SPIFFE-validator format, by name.
+    spiffe: BTreeMap<String, RenderedSecret>,
+    /// The trust secrets in PEM format (certificates are the same in both formats).
+    pem: BTreeMap<String, RenderedSecret>,
+}
+
+impl Rendered {
+    /// Renders every name `snapshot` can serve.
+    pub fn new(snapshot: &IdentitySnapshot, names: &SecretNames) -> Self {
+        let available = available_names(snapshot, names);
+        let render_as = |format: TrustFormat, only_trust: bool| {
+            available
+                .iter()
+                .filter(|name| !only_trust || is_trust_name(names, name))
+                .filter_map(|name| {
+                    render(snapshot, names, format, name)
+                        .map(|secret| (name.clone(), RenderedSecret::new(name, secret)))
+                })
+                .collect()
+        };
+        Self {
+            spiffe: render_as(TrustFormat::Spiffe, false),
+            pem: render_as(TrustFormat::Pem, true),
+            available,
+        }
+    }
+
+    /// Every name available now, sorted.
+    pub fn available(&self) -> &[String] {
+        &self.available
+    }
+
+    /// The secret `name` in `format`, if the snapshot can serve it.
+    pub fn get(&self, name: &str, format: TrustFormat) -> Option<&RenderedSecret> {
+        match format {
+            TrustFormat::Pem => self.pem.get(name).or_else(|| self.spiffe.get(name)),
+            TrustFormat::Spiffe => self.spiffe.get(name),
+        }
+    }
+}
+
+/// Whether `name` is a trust secret (rendered differently per format).
+fn is_trust_name(names: &SecretNames, name: &str) -> bool {
+    name == names.default_bundle
+        || name == names.all_bundles
+        || name
+            .strip_prefix(TRUST_DOMAIN_PREFIX)
+            .is_some_and(|rest| !rest.contains('/'))
 }
 
 fn validation_context<'a>(
@@ -200,17 +307,19 @@ mod tests {
 
     fn snapshot(domains: &[&str]) -> IdentitySnapshot {
         let now = SystemTime::now();
+        let svid = Svid {
+            spiffe_id: "spiffe://a.example/w".into(),
+            chain_der: vec![vec![1, 2, 3]],
+            private_key: PrivateKeyDer::new(vec![9, 9, 9]),
+            leaf: CertFacts {
+                serial_hex: "01".into(),
+                not_before: now,
+                not_after: now + Duration::from_secs(60),
+            },
+        };
         IdentitySnapshot {
-            svids: vec![Svid {
-                spiffe_id: "spiffe://a.example/w".into(),
-                chain_der: vec![vec![1, 2, 3]],
-                private_key: PrivateKeyDer::new(vec![9, 9, 9]),
-                leaf: CertFacts {
-                    serial_hex: "01".into(),
-                    not_before: now,
-                    not_after: now + Duration::from_secs(60),
-                },
-            }],
+            default: Some(svid.clone()),
+            svids: vec![svid],
             own_trust_domain: Some("a.example".into()),
             bundles: domains
                 .iter()
@@ -257,11 +366,7 @@ mod tests {
         assert!(render(&s, &names, TrustFormat::Spiffe, "spiffe://absent.example").is_none());
     }
 
-    #[test]
-    fn pem_format_concatenates_every_root() {
-        let s = snapshot(&["a.example", "b.example"]);
-        let secret =
-            render(&s, &SecretNames::default(), TrustFormat::Pem, "ROOTCA").expect("rendered");
+    fn pem_roots(secret: Secret) -> usize {
         let Some(secret::Type::ValidationContext(ctx)) = secret.r#type else {
             panic!("validation context");
         };
@@ -269,7 +374,31 @@ mod tests {
         let Some(Specifier::InlineBytes(pem)) = ctx.trusted_ca.and_then(|d| d.specifier) else {
             panic!("inline trusted_ca");
         };
-        assert_eq!(pem::parse_many(pem).expect("pem").len(), 2);
+        pem::parse_many(pem).expect("pem").len()
+    }
+
+    #[test]
+    fn pem_rootca_holds_the_own_trust_domain_only() {
+        let s = snapshot(&["a.example", "b.example"]);
+        let names = SecretNames::default();
+        let rootca = render(&s, &names, TrustFormat::Pem, "ROOTCA").expect("rendered");
+        assert_eq!(
+            pem_roots(rootca),
+            1,
+            "a federated CA must not mint IDs in a.example"
+        );
+        let all = render(&s, &names, TrustFormat::Pem, "ALL").expect("rendered");
+        assert_eq!(pem_roots(all), 2, "ALL is the explicit aggregate");
+        let rendered = Rendered::new(&s, &names);
+        let shared = rendered
+            .get("ROOTCA", TrustFormat::Pem)
+            .expect("pem rootca");
+        assert_ne!(
+            Some(&shared.version),
+            rendered
+                .get("ROOTCA", TrustFormat::Spiffe)
+                .map(|r| &r.version)
+        );
     }
 
     #[test]

@@ -1,21 +1,28 @@
 //! The identity source: the SPIFFE Workload API (SPIRE agent) → snapshots.
 //!
-//! One task holds the Workload API stream, turns each X.509 context into an
-//! [`IdentitySnapshot`] and publishes it. On disconnect the last good snapshot
-//! stays published while it is valid, the task reconnects with jittered
-//! exponential backoff, and each change of link state is logged once (not per
-//! retry). A second task removes SVIDs from the published snapshot the moment
-//! they expire, so an expired SVID is never served.
+//! One task owns the identity state, as ztunnel's certificate manager does: it
+//! holds the Workload API stream, turns each X.509 context into an
+//! [`IdentitySnapshot`] and publishes it, and its own timer withdraws each SVID
+//! the moment it expires — there is no second writer whose stale copy could
+//! overwrite a rotation. On disconnect the last good snapshot stays published
+//! while it is valid, the task reconnects with jittered exponential backoff,
+//! and each change of link state is logged once (not per retry).
+//!
+//! Errors stay typed (`spiffe::WorkloadApiError`), so the Workload API
+//! specification's retry rules apply: `InvalidArgument` (a request the agent
+//! will never accept, e.g. a proxy stripping the security header) is not
+//! retried at the fast pace — the task waits the longest backoff and says so.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use spiffe::WorkloadApiClient;
+use spiffe::{WorkloadApiClient, WorkloadApiError};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
+use crate::render::SecretNames;
 use crate::snapshot::{IdentitySnapshot, Published};
 
 /// Where and how to reach the Workload API.
@@ -82,24 +89,133 @@ impl Backoff {
     }
 }
 
-/// Runs the Workload API client forever, publishing snapshots on `tx`.
-pub async fn run(
-    config: SourceConfig,
-    tx: Arc<watch::Sender<Arc<Published>>>,
+/// Why the Workload API stream ended.
+#[derive(Debug)]
+enum Ended {
+    /// The agent closed the stream.
+    Closed,
+    /// An error, kept typed.
+    Error(WorkloadApiError),
+}
+
+impl Ended {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Closed => "stream_closed",
+            Self::Error(e) if e.is_invalid_argument() => "invalid_argument",
+            Self::Error(WorkloadApiError::NoIdentityIssued) => "no_identity_issued",
+            Self::Error(WorkloadApiError::PermissionDenied(_)) => "permission_denied",
+            Self::Error(WorkloadApiError::Transport(_)) => "unavailable",
+            Self::Error(_) => "invalid_response",
+        }
+    }
+}
+
+/// The only writer of the identity state.
+pub struct IdentityOwner {
+    tx: watch::Sender<Arc<Published>>,
+    names: SecretNames,
     metrics: Arc<Metrics>,
-) {
+}
+
+impl IdentityOwner {
+    /// Owns `tx`: nothing else publishes on it.
+    pub fn new(
+        tx: watch::Sender<Arc<Published>>,
+        names: SecretNames,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self { tx, names, metrics }
+    }
+
+    fn current(&self) -> IdentitySnapshot {
+        self.tx.borrow().snapshot.clone()
+    }
+
+    /// Publishes `snapshot` if it differs from the current one, and logs what changed.
+    pub fn publish(&self, snapshot: IdentitySnapshot) {
+        let names = &self.names;
+        self.tx.send_if_modified(|current| {
+            if current.snapshot == snapshot {
+                return false;
+            }
+            log_change(&current.snapshot, &snapshot);
+            *current = Arc::new(Published::now(snapshot, names));
+            true
+        });
+    }
+
+    /// Takes one context: published when it can be served, else refused whole
+    /// (the last good snapshot stays) and counted.
+    pub fn on_context(&self, context: Result<IdentitySnapshot, crate::snapshot::SnapshotError>) {
+        match context {
+            Ok(snapshot) => self.publish(snapshot),
+            Err(error) => {
+                self.metrics.reject(error.label());
+                warn!(%error, "Workload API sent unusable material; keeping the last good identity");
+            }
+        }
+    }
+
+    /// Withdraws what has expired by now.
+    pub fn expire(&self, now: SystemTime) {
+        let current = self.current();
+        let had_default = current.default_svid().is_some();
+        let pruned = current.without_expired(now);
+        if had_default && pruned.default_svid().is_none() {
+            warn!("the default X.509-SVID expired; no default is served until the Workload API sends a new one");
+        }
+        self.publish(pruned);
+    }
+
+    /// Sleeps until the next SVID expires (forever when none is held).
+    async fn next_expiry(&self) {
+        let next = self.tx.borrow().snapshot.next_expiry();
+        match next {
+            Some(at) => {
+                let wait = at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tokio::time::sleep(wait).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Runs `future`, withdrawing SVIDs as they expire meanwhile.
+    async fn expiring_while<T>(&self, future: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(future);
+        loop {
+            tokio::select! {
+                output = &mut future => return output,
+                _ = self.next_expiry() => self.expire(SystemTime::now()),
+            }
+        }
+    }
+}
+
+/// Runs the Workload API client forever as the only owner of the identity state.
+pub async fn run(config: SourceConfig, owner: IdentityOwner) {
     let endpoint = config.endpoint_uri();
     let mut backoff = Backoff::new(config.min_backoff, config.max_backoff);
     let mut link = Link::Starting;
     loop {
-        let result = stream_contexts(&endpoint, &tx, &metrics, &mut link, &mut backoff).await;
-        metrics.workload_api_connected.set(0);
-        let reason = match result {
-            Ok(()) => "the Workload API closed the stream".to_string(),
-            Err(error) => error,
+        let ended = stream_contexts(&endpoint, &owner, &mut link, &mut backoff).await;
+        owner.metrics.workload_api_connected.set(0);
+        owner.metrics.reject(ended.label());
+        let delay = match &ended {
+            Ended::Error(error) if error.is_invalid_argument() => {
+                warn!(%error, "the Workload API refuses this client's requests (InvalidArgument); retrying at the longest backoff");
+                config.max_backoff
+            }
+            _ => backoff.next_delay(),
+        };
+        let reason = match &ended {
+            Ended::Closed => "the Workload API closed the stream".to_string(),
+            Ended::Error(error) => error.to_string(),
         };
         if link != Link::Down {
-            let serving = tx.borrow().snapshot.default_svid().is_some();
+            let serving = owner.tx.borrow().snapshot.default_svid().is_some();
             warn!(
                 endpoint = %endpoint,
                 %reason,
@@ -110,58 +226,42 @@ pub async fn run(
         } else {
             debug!(%reason, "Workload API still unavailable");
         }
-        tokio::time::sleep(backoff.next_delay()).await;
+        owner.expiring_while(tokio::time::sleep(delay)).await;
     }
 }
 
 /// Connects, then publishes every context until the stream ends.
 async fn stream_contexts(
     endpoint: &str,
-    tx: &watch::Sender<Arc<Published>>,
-    metrics: &Metrics,
+    owner: &IdentityOwner,
     link: &mut Link,
     backoff: &mut Backoff,
-) -> Result<(), String> {
-    let client = WorkloadApiClient::connect_to(endpoint)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut contexts = client
-        .stream_x509_contexts()
-        .await
-        .map_err(|e| e.to_string())?;
-    while let Some(item) = contexts.next().await {
-        let context = item.map_err(|e| e.to_string())?;
+) -> Ended {
+    let connected = owner
+        .expiring_while(async {
+            let client = WorkloadApiClient::connect_to(endpoint).await?;
+            client.stream_x509_contexts().await
+        })
+        .await;
+    let mut contexts = match connected {
+        Ok(contexts) => Box::pin(contexts),
+        Err(error) => return Ended::Error(error),
+    };
+    loop {
+        let item = owner.expiring_while(contexts.next()).await;
+        let context = match item {
+            None => return Ended::Closed,
+            Some(Err(error)) => return Ended::Error(error),
+            Some(Ok(context)) => context,
+        };
         if *link != Link::Connected {
             info!(endpoint, "Workload API connected");
             *link = Link::Connected;
-            metrics.workload_api_connected.set(1);
+            owner.metrics.workload_api_connected.set(1);
             backoff.reset();
         }
-        match IdentitySnapshot::from_context(&context, SystemTime::now()) {
-            Ok(snapshot) if snapshot.default_svid().is_none() => {
-                warn!(
-                    "Workload API sent no SVID that is valid now; keeping the last good identity"
-                );
-            }
-            Ok(snapshot) => publish(tx, snapshot),
-            Err(error) => {
-                warn!(%error, "Workload API sent unusable material; keeping the last good identity");
-            }
-        }
+        owner.on_context(IdentitySnapshot::from_context(&context, SystemTime::now()));
     }
-    Ok(())
-}
-
-/// Publishes `snapshot` if it differs from the current one, and logs what changed.
-pub fn publish(tx: &watch::Sender<Arc<Published>>, snapshot: IdentitySnapshot) {
-    tx.send_if_modified(|current| {
-        if current.snapshot == snapshot {
-            return false;
-        }
-        log_change(&current.snapshot, &snapshot);
-        *current = Arc::new(Published::now(snapshot));
-        true
-    });
 }
 
 fn log_change(old: &IdentitySnapshot, new: &IdentitySnapshot) {
@@ -177,39 +277,12 @@ fn log_change(old: &IdentitySnapshot, new: &IdentitySnapshot) {
         );
     }
     if old.bundles != new.bundles {
-        let trust_domains: Vec<&String> = new.bundles.keys().collect();
-        info!(?trust_domains, "trust bundles updated");
-    }
-}
-
-/// Removes SVIDs from the published snapshot at the moment they expire.
-pub async fn expire_svids(tx: Arc<watch::Sender<Arc<Published>>>) {
-    let mut changes = tx.subscribe();
-    loop {
-        let next = changes.borrow_and_update().snapshot.next_expiry();
-        let wait = next.map(|at| {
-            at.duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO)
-        });
-        match wait {
-            Some(wait) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {
-                        let pruned = tx.borrow().snapshot.clone().without_expired(SystemTime::now());
-                        if pruned.default_svid().is_none() {
-                            warn!("the last X.509-SVID expired; nothing is served until the Workload API sends a new one");
-                        }
-                        publish(&tx, pruned);
-                    }
-                    changed = changes.changed() => if changed.is_err() { return },
-                }
-            }
-            None => {
-                if changes.changed().await.is_err() {
-                    return;
-                }
-            }
-        }
+        let trust_domains: Vec<&String> = new.bundles.keys().take(16).collect();
+        info!(
+            count = new.bundles.len(),
+            ?trust_domains,
+            "trust bundles updated"
+        );
     }
 }
 

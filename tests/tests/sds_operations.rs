@@ -169,9 +169,17 @@ async fn metrics_cover_streams_pushes_latency_expiry_bundles_and_the_workload_ap
     stream.next().await;
     let admin = server.admin_addr().expect("admin");
     let scraped = metrics(admin).await;
+    // The first answer to a new subscription says nothing about propagation.
+    assert!(
+        scraped.contains("trustweave_sds_push_latency_seconds_count 0"),
+        "{scraped}"
+    );
+    agent.rotate_now();
+    stream.next().await;
+    let scraped = metrics(admin).await;
     for expected in [
         "trustweave_sds_streams_open{protocol=\"sotw\"} 1",
-        "trustweave_sds_pushes_total{protocol=\"sotw\"} 1",
+        "trustweave_sds_pushes_total{protocol=\"sotw\"} 2",
         "trustweave_sds_push_latency_seconds_count 1",
         "trustweave_sds_workload_api_connected 1",
         "trustweave_sds_trust_bundle_cas{trust_domain=\"aws.company.com\"} 1",

@@ -8,13 +8,15 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     secret, SpiffeCertValidatorConfig,
 };
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use prost::Message;
 use sha2::Digest;
 use tempfile::TempDir;
 use trustweave_e2e::pki::TrustDomainCa;
-use trustweave_e2e::sds::{self, report, DeltaClient, SotwClient};
+use trustweave_e2e::sds::{self, decode_secret, report, DeltaClient, SotwClient};
 use trustweave_e2e::workload_api::WorkloadApiStandIn;
 use trustweave_sds::render::SECRET_TYPE_URL;
 use trustweave_sds::RunningServer;
@@ -165,21 +167,26 @@ async fn node_is_kept_from_the_first_request_and_may_be_absent() {
     let w = world().await;
     for flag in [Kind::BoolValue(true), Kind::StringValue("true".into())] {
         let mut pem = SotwClient::open(&w.socket).await;
-        pem.request(&["ROOTCA"], Some(node_asking_for_pem(flag)))
+        pem.request(&["ROOTCA", "ALL"], Some(node_asking_for_pem(flag)))
             .await;
         let response = pem.next().await;
-        assert_eq!(
-            trust_domains(&response.resources[0]),
-            vec!["*"],
-            "PEM trusted_ca expected"
-        );
-        assert_eq!(report(&response.resources[0]).trust_domains[0].ca_count, 2);
+        let by_name = |response: &DiscoveryResponse, name: &str| {
+            let any = response
+                .resources
+                .iter()
+                .find(|a| decode_secret(a).name == name)
+                .unwrap_or_else(|| panic!("{name} in the response"));
+            (trust_domains(any), report(any).trust_domains[0].ca_count)
+        };
+        // PEM cannot scope a root to its domain: ROOTCA is the own domain only.
+        assert_eq!(by_name(&response, "ROOTCA"), (vec!["*".to_string()], 1));
+        assert_eq!(by_name(&response, "ALL"), (vec!["*".to_string()], 2));
         // Later requests carry no node; the format chosen by the first one stays.
-        pem.request(&["ROOTCA"], None).await;
+        pem.request(&["ROOTCA", "ALL"], None).await;
         w.agent.federate_with(&w.azure);
         let response = pem.next().await;
-        assert_eq!(trust_domains(&response.resources[0]), vec!["*"]);
-        assert_eq!(report(&response.resources[0]).trust_domains[0].ca_count, 3);
+        assert_eq!(by_name(&response, "ROOTCA"), (vec!["*".to_string()], 1));
+        assert_eq!(by_name(&response, "ALL"), (vec!["*".to_string()], 3));
         w.agent.remove_federation(AZURE);
     }
     // No node at all: accepted, SPIFFE validator.
@@ -233,10 +240,7 @@ async fn nack_is_counted_not_resent_and_the_next_change_is_pushed() {
     let first = stream.next().await;
     stream.nack(&["default"], "rejected by test").await;
     stream.expect_nothing(QUIET).await;
-    let metrics = w
-        .server
-        .metrics()
-        .encode(&w.server.snapshots().borrow().snapshot);
+    let metrics = w.server.metrics().encode();
     assert!(
         metrics.contains("trustweave_sds_nacks_total{protocol=\"sotw\"} 1"),
         "{metrics}"
@@ -410,10 +414,7 @@ async fn delta_honours_initial_versions_and_nacks() {
         serial(pushed.resources[0].resource.as_ref().expect("resource")),
         rotated.serial_hex
     );
-    let metrics = w
-        .server
-        .metrics()
-        .encode(&w.server.snapshots().borrow().snapshot);
+    let metrics = w.server.metrics().encode();
     assert!(
         metrics.contains("trustweave_sds_nacks_total{protocol=\"delta\"} 1"),
         "{metrics}"

@@ -2,7 +2,8 @@
 //!
 //! Delta xDS is the only way to tell Envoy a resource is gone: a federated
 //! bundle removed from the Workload API context is sent as a removed resource.
-//! Subscription changes apply whatever the nonce; a NACK counts only when it
+//! Subscription changes apply whatever the nonce (a stale request that
+//! subscribes to a new name is answered at once); a NACK counts only when it
 //! answers the latest response. Each resource's version is a digest of its
 //! bytes, so a reconnecting Envoy that reports `initial_resource_versions` gets
 //! only what actually changed.
@@ -14,8 +15,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 
 use super::{content_version, NonceSource, RequestVerdict};
-use crate::render::{self, SecretNames, TrustFormat, SECRET_TYPE_URL};
-use crate::snapshot::IdentitySnapshot;
+use crate::render::{Rendered, TrustFormat, SECRET_TYPE_URL};
 
 /// The explicit wildcard name of delta xDS.
 const WILDCARD: &str = "*";
@@ -50,8 +50,18 @@ impl DeltaStream {
         self.format = format;
     }
 
+    /// Names this stream is explicitly subscribed to (for limits).
+    pub fn subscribed(&self) -> Option<usize> {
+        Some(self.subscribed.len())
+    }
+
     /// Applies one request; `Apply` means a response may now be due.
     pub fn on_request(&mut self, request: &DeltaDiscoveryRequest) -> RequestVerdict {
+        let before = (self.wildcard, self.subscribed.len(), self.started);
+        let subscribes_new = request
+            .resource_names_subscribe
+            .iter()
+            .any(|n| n != WILDCARD && !self.subscribed.contains(n));
         if !self.started {
             self.started = true;
             self.wildcard = request.resource_names_subscribe.is_empty();
@@ -77,20 +87,23 @@ impl DeltaStream {
             }
         }
         let answers_latest = self.last_nonce.as_deref() == Some(request.response_nonce.as_str());
+        let subscription_changed =
+            subscribes_new || before != (self.wildcard, self.subscribed.len(), self.started);
         match &request.error_detail {
             Some(status) if answers_latest => RequestVerdict::Nack {
                 message: status.message.clone(),
             },
+            // A stale NACK is ignored, not the subscriptions it carries.
+            Some(_) if subscription_changed => RequestVerdict::Apply,
             Some(_) => RequestVerdict::Stale,
             None => RequestVerdict::Apply,
         }
     }
 
-    /// The response due for `snapshot`: changed resources and removed ones, if any.
+    /// The response due for `rendered`: changed resources and removed ones, if any.
     pub fn response(
         &mut self,
-        snapshot: &IdentitySnapshot,
-        names: &SecretNames,
+        rendered: &Rendered,
         nonces: &NonceSource,
     ) -> Option<DeltaDiscoveryResponse> {
         if !self.started {
@@ -98,24 +111,21 @@ impl DeltaStream {
         }
         let mut wanted = self.subscribed.clone();
         if self.wildcard {
-            wanted.extend(render::available_names(snapshot, names));
+            wanted.extend(rendered.available().iter().cloned());
         }
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         for name in &wanted {
-            match render::render(snapshot, names, self.format, name) {
-                Some(secret) => {
-                    let any = render::to_any(secret);
-                    let version = content_version([(name.as_str(), any.value.as_slice())]);
-                    if self.client_versions.get(name) != Some(&version) {
-                        resources.push(Resource {
-                            name: name.clone(),
-                            version,
-                            resource: Some(any),
-                            ..Default::default()
-                        });
-                    }
+            match rendered.get(name, self.format) {
+                Some(secret) if self.client_versions.get(name) != Some(&secret.version) => {
+                    resources.push(Resource {
+                        name: name.clone(),
+                        version: secret.version.clone(),
+                        resource: Some(secret.any.clone()),
+                        ..Default::default()
+                    });
                 }
+                Some(_) => {}
                 None if self.client_versions.contains_key(name) => removed.push(name.clone()),
                 None => {}
             }

@@ -26,9 +26,79 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::metrics::{Metrics, ProtocolLabel};
-use crate::render::{self, SecretNames, TrustFormat, SECRET_TYPE_URL};
-use crate::snapshot::{IdentitySnapshot, Published};
+use crate::metrics::{Metrics, ProtocolLabel, RefusalLabel};
+use crate::render::{Rendered, SecretNames, TrustFormat, SECRET_TYPE_URL};
+use crate::snapshot::Published;
+
+/// Most resource names one request (and one stream) may carry. Envoy asks for
+/// one name per stream; SPIRE's agent and Istio's serve a handful.
+pub const MAX_NAMES: usize = 100;
+/// Longest resource name, in bytes (a SPIFFE ID's limit).
+pub const MAX_NAME_LEN: usize = 2048;
+/// Longest part of a requested name written to a log line.
+const LOG_NAME_MAX: usize = 128;
+
+/// Why a request's names are refused (the stream ends with `InvalidArgument`).
+fn check_names(names: &[String], secret_names: &SecretNames) -> Result<(), (&'static str, String)> {
+    if names.len() > MAX_NAMES {
+        return Err((
+            "too_many_names",
+            format!(
+                "{} resource names in one request; at most {MAX_NAMES}",
+                names.len()
+            ),
+        ));
+    }
+    for name in names {
+        if name.len() > MAX_NAME_LEN {
+            return Err((
+                "name_too_long",
+                format!(
+                    "a resource name of {} bytes; at most {MAX_NAME_LEN}",
+                    name.len()
+                ),
+            ));
+        }
+        let known = name.is_empty()
+            || name == "*"
+            || *name == secret_names.default_svid
+            || *name == secret_names.default_bundle
+            || *name == secret_names.all_bundles
+            || (name.starts_with(crate::render::TRUST_DOMAIN_PREFIX)
+                && name.bytes().all(|b| b.is_ascii_graphic()));
+        if !known {
+            return Err((
+                "unknown_name",
+                format!(
+                    "resource name {:?} is not a secret this server serves",
+                    truncate(name)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A name cut for logs.
+fn truncate(name: &str) -> String {
+    if name.len() <= LOG_NAME_MAX {
+        return name.to_string();
+    }
+    let mut end = LOG_NAME_MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes)", &name[..end], name.len())
+}
+
+/// Names for a log line: at most 8, each truncated.
+fn names_for_log(names: &[String]) -> Vec<String> {
+    let mut shown: Vec<String> = names.iter().take(8).map(|n| truncate(n)).collect();
+    if names.len() > 8 {
+        shown.push(format!("…{} more", names.len() - 8));
+    }
+    shown
+}
 
 /// Node metadata key with which an Envoy asks for PEM trust instead of the SPIFFE validator.
 pub const DISABLE_SPIFFE_VALIDATION_KEY: &str = "disable_spiffe_cert_validation";
@@ -88,6 +158,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     nonces: NonceSource,
     stream_ids: AtomicU64,
+    /// Becomes `true` when the server shuts down: streams blocked on a stalled client end.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl SdsService {
@@ -97,6 +169,7 @@ impl SdsService {
         names: SecretNames,
         default_format: TrustFormat,
         metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
             inner: Arc::new(Shared {
@@ -106,6 +179,7 @@ impl SdsService {
                 metrics,
                 nonces: NonceSource::default(),
                 stream_ids: AtomicU64::new(0),
+                shutdown,
             }),
         }
     }
@@ -134,13 +208,17 @@ impl Shared {
             .nacks
             .get_or_create(&ProtocolLabel { protocol })
             .inc();
+        let names = names_for_log(names);
+        let message = truncate(message);
         warn!(?names, error = %message, "Envoy rejected secrets (NACK); not resending the same content");
     }
 
+    /// Counts a push; its latency only when an identity change caused it (the
+    /// first answer to a new subscription measures nothing about propagation).
     fn record_push(
         &self,
         protocol: &'static str,
-        published: &Published,
+        caused_by_change: Option<&Published>,
         names: &[String],
         version: &str,
     ) {
@@ -148,10 +226,19 @@ impl Shared {
             .pushes
             .get_or_create(&ProtocolLabel { protocol })
             .inc();
+        if let Some(published) = caused_by_change {
+            self.metrics
+                .push_latency
+                .observe(published.at.elapsed().as_secs_f64());
+        }
+        debug!(names = ?names_for_log(names), version, "pushed secrets");
+    }
+
+    fn refuse(&self, reason: &'static str) {
         self.metrics
-            .push_latency
-            .observe(published.at.elapsed().as_secs_f64());
-        debug!(?names, version, "pushed secrets");
+            .refused
+            .get_or_create(&RefusalLabel { reason })
+            .inc();
     }
 }
 
@@ -234,12 +321,9 @@ trait Protocol: Send + 'static {
     /// The names a request is about, for logs.
     fn names(request: &Self::Request) -> &[String];
     fn on_request(&mut self, request: &Self::Request) -> RequestVerdict;
-    fn response(
-        &mut self,
-        snapshot: &IdentitySnapshot,
-        names: &SecretNames,
-        nonces: &NonceSource,
-    ) -> Option<Self::Response>;
+    fn response(&mut self, rendered: &Rendered, nonces: &NonceSource) -> Option<Self::Response>;
+    /// Names explicitly subscribed on this stream.
+    fn subscribed(&self) -> Option<usize>;
     /// Names and version of a response, for logs.
     fn describe(response: &Self::Response) -> (Vec<String>, &str);
 }
@@ -266,13 +350,11 @@ impl Protocol for sotw::SotwStream {
     fn on_request(&mut self, request: &DiscoveryRequest) -> RequestVerdict {
         sotw::SotwStream::on_request(self, request)
     }
-    fn response(
-        &mut self,
-        snapshot: &IdentitySnapshot,
-        names: &SecretNames,
-        nonces: &NonceSource,
-    ) -> Option<DiscoveryResponse> {
-        sotw::SotwStream::response(self, snapshot, names, nonces)
+    fn response(&mut self, rendered: &Rendered, nonces: &NonceSource) -> Option<DiscoveryResponse> {
+        sotw::SotwStream::response(self, rendered, nonces)
+    }
+    fn subscribed(&self) -> Option<usize> {
+        sotw::SotwStream::subscribed(self)
     }
     fn describe(response: &DiscoveryResponse) -> (Vec<String>, &str) {
         (Vec::new(), &response.version_info)
@@ -303,11 +385,13 @@ impl Protocol for delta::DeltaStream {
     }
     fn response(
         &mut self,
-        snapshot: &IdentitySnapshot,
-        names: &SecretNames,
+        rendered: &Rendered,
         nonces: &NonceSource,
     ) -> Option<DeltaDiscoveryResponse> {
-        delta::DeltaStream::response(self, snapshot, names, nonces)
+        delta::DeltaStream::response(self, rendered, nonces)
+    }
+    fn subscribed(&self) -> Option<usize> {
+        delta::DeltaStream::subscribed(self)
     }
     fn describe(response: &DeltaDiscoveryResponse) -> (Vec<String>, &str) {
         let mut names: Vec<String> = response.resources.iter().map(|r| r.name.clone()).collect();
@@ -328,23 +412,35 @@ fn spawn_stream<P: Protocol>(
         async move {
             let _open = OpenStream::new(Arc::clone(&shared.metrics), P::NAME);
             let mut snapshots = shared.snapshots.clone();
+            let mut shutdown = shared.shutdown.clone();
             let mut state = P::new(shared.default_format);
             let mut node_seen = false;
             let mut names: Vec<String> = Vec::new();
             loop {
-                match next_event(&mut inbound, &mut snapshots).await {
+                let event = tokio::select! {
+                    event = next_event(&mut inbound, &mut snapshots) => event,
+                    _ = shutdown.wait_for(|stop| *stop) => Event::Closed,
+                };
+                let caused_by_change = match event {
                     Event::Closed => break,
-                    Event::Snapshot => {}
+                    Event::Snapshot => true,
                     Event::Request(request) => {
                         if let Err(status) = check_type_url(P::type_url(&request)) {
+                            shared.refuse("type_url");
                             let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                        if let Err((reason, message)) = check_names(P::names(&request), &shared.names) {
+                            shared.refuse(reason);
+                            warn!(reason, "refused an SDS request: {message}");
+                            let _ = tx.try_send(Err(Status::invalid_argument(message)));
                             break;
                         }
                         if !node_seen {
                             node_seen = true;
                             let node = P::node(&request);
                             state.set_format(shared.format_for(node));
-                            info!(node = node.map(|n| n.id.as_str()).unwrap_or(""), names = ?P::names(&request), "SDS stream opened");
+                            info!(node = node.map(|n| truncate(&n.id)).unwrap_or_default(), names = ?names_for_log(P::names(&request)), "SDS stream opened");
                         }
                         match state.on_request(&request) {
                             RequestVerdict::Stale => {
@@ -355,15 +451,26 @@ fn spawn_stream<P: Protocol>(
                             RequestVerdict::Nack { message } => shared.record_nack(P::NAME, P::names(&request), &message),
                             RequestVerdict::Apply => {}
                         }
+                        if state.subscribed().is_some_and(|n| n > MAX_NAMES) {
+                            shared.refuse("too_many_names");
+                            let _ = tx.try_send(Err(Status::invalid_argument(format!("more than {MAX_NAMES} names subscribed on one stream"))));
+                            break;
+                        }
                         names = P::names(&request).to_vec();
+                        false
                     }
-                }
+                };
                 let published = Arc::clone(&snapshots.borrow_and_update());
-                if let Some(response) = state.response(&published.snapshot, &shared.names, &shared.nonces) {
+                if let Some(response) = state.response(&published.rendered, &shared.nonces) {
                     let (sent, version) = P::describe(&response);
                     let sent = if sent.is_empty() { names.clone() } else { sent };
-                    shared.record_push(P::NAME, &published, &sent, version);
-                    if tx.send(Ok(response)).await.is_err() {
+                    shared.record_push(P::NAME, caused_by_change.then_some(&*published), &sent, version);
+                    // A client that stopped reading blocks only its own stream, and never shutdown.
+                    let delivered = tokio::select! {
+                        sent = tx.send(Ok(response)) => sent.is_ok(),
+                        _ = shutdown.wait_for(|stop| *stop) => false,
+                    };
+                    if !delivered {
                         break;
                     }
                 }
@@ -407,9 +514,13 @@ impl SecretDiscoveryService for SdsService {
         let shared = &self.inner;
         let request = request.into_inner();
         check_type_url(&request.type_url)?;
+        if let Err((reason, message)) = check_names(&request.resource_names, &shared.names) {
+            shared.refuse(reason);
+            return Err(Status::invalid_argument(message));
+        }
         let format = shared.format_for(request.node.as_ref());
         let published = Arc::clone(&shared.snapshots.borrow());
-        let snapshot = &published.snapshot;
+        let rendered = &published.rendered;
         let requested: Vec<String> = request
             .resource_names
             .iter()
@@ -417,16 +528,16 @@ impl SecretDiscoveryService for SdsService {
             .cloned()
             .collect();
         let requested = if requested.is_empty() {
-            render::available_names(snapshot, &shared.names)
+            rendered.available().to_vec()
         } else {
             requested
         };
         let mut resources = Vec::with_capacity(requested.len());
         let mut missing = Vec::new();
         for name in &requested {
-            match render::render(snapshot, &shared.names, format, name) {
-                Some(secret) => resources.push(render::to_any(secret)),
-                None => missing.push(name.as_str()),
+            match rendered.get(name, format) {
+                Some(secret) => resources.push(secret.any.clone()),
+                None => missing.push(truncate(name)),
             }
         }
         if !missing.is_empty() {

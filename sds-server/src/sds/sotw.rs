@@ -8,12 +8,14 @@
 //! - a response is sent only when a requested secret's bytes differ from what
 //!   this stream last sent; it carries every requested secret available, no other;
 //! - a name not (yet) available is held and answered when it appears.
+//!
+//! The stream keeps each sent secret's *version* (a digest of its bytes,
+//! computed once per snapshot in [`Rendered`]), never the secret itself.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{content_version, NonceSource, RequestVerdict};
-use crate::render::{self, SecretNames, TrustFormat, SECRET_TYPE_URL};
-use crate::snapshot::IdentitySnapshot;
+use crate::render::{Rendered, TrustFormat, SECRET_TYPE_URL};
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
 #[derive(Debug, PartialEq, Eq)]
@@ -31,8 +33,8 @@ enum Subscription {
 pub struct SotwStream {
     subscription: Subscription,
     format: TrustFormat,
-    /// Encoded bytes of each secret as last sent on this stream.
-    sent: BTreeMap<String, Vec<u8>>,
+    /// Version of each secret as last sent on this stream.
+    sent: BTreeMap<String, String>,
     last_nonce: Option<String>,
 }
 
@@ -81,55 +83,61 @@ impl SotwStream {
         }
     }
 
-    /// The response due for `snapshot`, if any requested secret changed.
+    /// The response due for `rendered`, if any requested secret changed.
     pub fn response(
         &mut self,
-        snapshot: &IdentitySnapshot,
-        names: &SecretNames,
+        rendered: &Rendered,
         nonces: &NonceSource,
     ) -> Option<DiscoveryResponse> {
-        let requested: Vec<String> = match &self.subscription {
+        let format = self.format;
+        let current: Vec<(&str, &crate::render::RenderedSecret)> = match &self.subscription {
             Subscription::Pending => return None,
-            Subscription::Wildcard => render::available_names(snapshot, names),
-            Subscription::Names(set) => set.iter().cloned().collect(),
+            Subscription::Wildcard => rendered
+                .available()
+                .iter()
+                .filter_map(|name| rendered.get(name, format).map(|r| (name.as_str(), r)))
+                .collect(),
+            Subscription::Names(set) => set
+                .iter()
+                .filter_map(|name| rendered.get(name, format).map(|r| (name.as_str(), r)))
+                .collect(),
         };
-        let rendered: Vec<(String, envoy_types::pb::google::protobuf::Any)> = requested
-            .into_iter()
-            .filter_map(|name| {
-                render::render(snapshot, names, self.format, &name)
-                    .map(|secret| (name, render::to_any(secret)))
-            })
-            .collect();
-        let changed = rendered
+        let changed = current
             .iter()
-            .any(|(name, any)| self.sent.get(name) != Some(&any.value));
+            .any(|(name, r)| self.sent.get(*name) != Some(&r.version));
         let shrunk = self.subscription == Subscription::Wildcard
             && self
                 .sent
                 .keys()
-                .any(|sent| !rendered.iter().any(|(name, _)| name == sent));
+                .any(|sent| !current.iter().any(|(name, _)| name == sent));
         if !changed && !shrunk {
             return None;
         }
-        if shrunk {
-            self.sent.clear();
-        }
+        self.sent = current
+            .iter()
+            .map(|(name, r)| (name.to_string(), r.version.clone()))
+            .collect();
         let version = content_version(
-            rendered
+            current
                 .iter()
-                .map(|(n, a)| (n.as_str(), a.value.as_slice())),
+                .map(|(name, r)| (*name, r.version.as_bytes())),
         );
         let nonce = nonces.next();
-        for (name, any) in &rendered {
-            self.sent.insert(name.clone(), any.value.clone());
-        }
         self.last_nonce = Some(nonce.clone());
         Some(DiscoveryResponse {
             version_info: version,
-            resources: rendered.into_iter().map(|(_, any)| any).collect(),
+            resources: current.into_iter().map(|(_, r)| r.any.clone()).collect(),
             type_url: SECRET_TYPE_URL.to_string(),
             nonce,
             ..Default::default()
         })
+    }
+
+    /// Names this stream is subscribed to (for limits and logs); `None` for a wildcard.
+    pub fn subscribed(&self) -> Option<usize> {
+        match &self.subscription {
+            Subscription::Names(names) => Some(names.len()),
+            _ => None,
+        }
     }
 }
