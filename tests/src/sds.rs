@@ -154,6 +154,20 @@ impl SotwClient {
         response
     }
 
+    /// The status the server ended the stream with (fails the test after 10 s or on a response).
+    pub async fn refused(&mut self) -> tonic::Status {
+        match tokio::time::timeout(Duration::from_secs(10), self.responses.message())
+            .await
+            .expect("the stream ends within 10 s")
+        {
+            Err(status) => status,
+            Ok(other) => panic!(
+                "expected the stream to be refused, got {:?}",
+                other.map(|r| r.version_info)
+            ),
+        }
+    }
+
     /// Asserts nothing arrives for `quiet` (used only where absence is the behaviour under test).
     pub async fn expect_nothing(&mut self, quiet: Duration) {
         if let Ok(message) = tokio::time::timeout(quiet, self.responses.message()).await {
@@ -226,4 +240,53 @@ pub fn socket_dir() -> tempfile::TempDir {
 /// `dir/name` as a path.
 pub fn path_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
+}
+
+/// A `StreamSecrets` client that subscribes and then never reads: its HTTP/2
+/// stream window is 1 KiB, so the server's sends to it block almost at once
+/// (while its connection still answers pings, as a stuck Envoy's would).
+pub struct StalledClient {
+    _request_body: h2::SendStream<bytes::Bytes>,
+    _response: h2::client::ResponseFuture,
+}
+
+impl StalledClient {
+    /// Connects to `socket` and subscribes to `names`.
+    pub async fn open(socket: &Path, names: &[&str]) -> Self {
+        let io = tokio::net::UnixStream::connect(socket)
+            .await
+            .expect("connect");
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(1024)
+            .handshake::<_, bytes::Bytes>(io)
+            .await
+            .expect("HTTP/2 handshake");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let request = http::Request::post(
+            "http://sds/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
+        )
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+        let mut send = send.ready().await.expect("ready");
+        let (response, mut body) = send.send_request(request, false).expect("send request");
+        let message = DiscoveryRequest {
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            type_url: SECRET_TYPE_URL.to_string(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&u32::try_from(message.len()).expect("size").to_be_bytes());
+        frame.extend_from_slice(&message);
+        body.send_data(bytes::Bytes::from(frame), false)
+            .expect("send message");
+        Self {
+            _request_body: body,
+            _response: response,
+        }
+    }
 }

@@ -1,0 +1,246 @@
+//! trustweave-sds against hostile and broken SDS clients, while 100 normal
+//! streams stay open and must receive the next rotation: nothing a client does
+//! takes the server down, delays the others, or holds shutdown.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use trustweave_e2e::http;
+use trustweave_e2e::pki::TrustDomainCa;
+use trustweave_e2e::sds::{self, report, SotwClient, StalledClient};
+use trustweave_e2e::wait::wait_until;
+use trustweave_e2e::workload_api::WorkloadApiStandIn;
+use trustweave_sds::listener::Limits;
+use trustweave_sds::RunningServer;
+
+const ID: &str = "spiffe://gcp.company.com/ns/shop/sa/api";
+const NORMAL: usize = 100;
+
+struct World {
+    _dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    agent: Arc<WorkloadApiStandIn>,
+    server: RunningServer,
+    normal: Vec<SotwClient>,
+}
+
+impl World {
+    async fn start(limits: Limits) -> Self {
+        let dir = sds::socket_dir();
+        let agent = WorkloadApiStandIn::start(
+            sds::path_in(&dir, "agent.sock"),
+            Arc::new(TrustDomainCa::new("gcp.company.com")),
+            ID,
+            Duration::from_secs(3600),
+        )
+        .await;
+        let socket = sds::path_in(&dir, "sds.sock");
+        let mut config = sds::test_config(&socket, &agent.endpoint());
+        config.limits = limits;
+        let server = sds::start_ready(config).await;
+        let mut normal = Vec::with_capacity(NORMAL);
+        for _ in 0..NORMAL {
+            let mut client = SotwClient::open(&socket).await;
+            client.request(&["default"], None).await;
+            client.next().await;
+            client.request(&["default"], None).await;
+            normal.push(client);
+        }
+        Self {
+            _dir: dir,
+            socket,
+            agent,
+            server,
+            normal,
+        }
+    }
+
+    /// Rotates once; every normal stream receives the new serial. Returns the slowest delay.
+    async fn every_normal_stream_gets_the_next_rotation(&mut self) -> Duration {
+        let serial = self.agent.rotate_now().serial_hex;
+        let started = Instant::now();
+        let mut slowest = Duration::ZERO;
+        for client in &mut self.normal {
+            let response = client.next().await;
+            slowest = slowest.max(started.elapsed());
+            let got = report(&response.resources[0]).certificates[0]
+                .serial
+                .clone();
+            assert_eq!(
+                trustweave_e2e::envoy::normalize_serial(&got),
+                trustweave_e2e::envoy::normalize_serial(&serial)
+            );
+            client.request(&["default"], None).await;
+        }
+        slowest
+    }
+
+    async fn metric(&self, line: &str) -> bool {
+        let admin = self.server.admin_addr().expect("admin");
+        http::get(admin, "/metrics", &[])
+            .await
+            .map(|r| r.body.contains(line))
+            .unwrap_or(false)
+    }
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_connections: 400,
+        idle_timeout: Duration::from_secs(3),
+        keepalive: Duration::from_secs(1),
+        ..Limits::default()
+    }
+}
+
+/// Whether the server closed `stream` (read returns end or error) within 10 s.
+async fn closed_by_server(mut stream: UnixStream) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_http1_half_open_and_idle_connections_are_closed() {
+    let mut w = World::start(limits()).await;
+    let garbage = {
+        let mut s = UnixStream::connect(&w.socket).await.expect("connect");
+        s.write_all(&[0xde, 0xad, 0xbe, 0xef].repeat(64))
+            .await
+            .expect("write");
+        s
+    };
+    let http1 = {
+        let mut s = UnixStream::connect(&w.socket).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nhost: sds\r\n\r\n")
+            .await
+            .expect("write");
+        s
+    };
+    let idle = UnixStream::connect(&w.socket).await.expect("connect");
+    let preface_only = {
+        let mut s = UnixStream::connect(&w.socket).await.expect("connect");
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .expect("write");
+        s
+    };
+    let partial_frame = {
+        let mut s = UnixStream::connect(&w.socket).await.expect("connect");
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04")
+            .await
+            .expect("write");
+        s
+    };
+    for (what, stream) in [
+        ("garbage", garbage),
+        ("HTTP/1", http1),
+        ("idle", idle),
+        ("preface only", preface_only),
+        ("partial frame", partial_frame),
+    ] {
+        assert!(
+            closed_by_server(stream).await,
+            "{what} connection left open"
+        );
+    }
+    w.every_normal_stream_gets_the_next_rotation().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_unknown_names_are_refused_and_counted() {
+    let mut w = World::start(limits()).await;
+    let huge = "spiffe://gcp.company.com/".to_string() + &"a".repeat(1 << 20);
+    let mut one_mib = SotwClient::open(&w.socket).await;
+    one_mib.request(&[&huge], None).await;
+    assert_eq!(one_mib.refused().await.code(), tonic::Code::InvalidArgument);
+    let many: Vec<String> = (0..10_000)
+        .map(|i| format!("spiffe://td{i}.example"))
+        .collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let mut ten_thousand = SotwClient::open(&w.socket).await;
+    ten_thousand.request(&many, None).await;
+    assert_eq!(
+        ten_thousand.refused().await.code(),
+        tonic::Code::InvalidArgument
+    );
+    let mut unknown = SotwClient::open(&w.socket).await;
+    unknown.request(&["file-cert:/etc/passwd"], None).await;
+    assert_eq!(unknown.refused().await.code(), tonic::Code::InvalidArgument);
+    for reason in ["name_too_long", "too_many_names", "unknown_name"] {
+        let line = format!("trustweave_sds_refused_total{{reason=\"{reason}\"}} 1");
+        assert!(w.metric(&line).await, "{line}");
+    }
+    w.every_normal_stream_gets_the_next_rotation().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_churn_and_the_connection_cap_leave_nothing_behind() {
+    let mut w = World::start(Limits {
+        max_connections: NORMAL + 20,
+        ..limits()
+    })
+    .await;
+    for _ in 0..1000 {
+        drop(UnixStream::connect(&w.socket).await.expect("connect"));
+    }
+    // Fill the cap with idle connections: the next one is refused, and counted.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(UnixStream::connect(&w.socket).await.expect("connect"));
+    }
+    wait_until("the cap is reached", Duration::from_secs(10), || async {
+        w.metric(&format!("trustweave_sds_connections_open {}", NORMAL + 20))
+            .await
+    })
+    .await;
+    let over = UnixStream::connect(&w.socket).await.expect("connect");
+    assert!(closed_by_server(over).await, "over the cap: closed at once");
+    assert!(
+        w.metric("trustweave_sds_refused_total{reason=\"connections\"}")
+            .await
+    );
+    // The idle ones time out; the slots come back.
+    wait_until(
+        "idle connections closed",
+        Duration::from_secs(15),
+        || async {
+            w.metric(&format!("trustweave_sds_connections_open {NORMAL}"))
+                .await
+        },
+    )
+    .await;
+    w.every_normal_stream_gets_the_next_rotation().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_never_delay_the_others_nor_hold_shutdown() {
+    let mut w = World::start(limits()).await;
+    // 100 clients that subscribe and never read (1 KiB stream windows).
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        stalled.push(StalledClient::open(&w.socket, &["default", "ROOTCA"]).await);
+    }
+    let mut slowest = Duration::ZERO;
+    for _ in 0..50 {
+        slowest = slowest.max(w.every_normal_stream_gets_the_next_rotation().await);
+    }
+    println!("slowest delivery to a normal stream across 50 rotations: {slowest:?}");
+    let started = Instant::now();
+    w.server.shutdown().await;
+    assert!(
+        started.elapsed() < trustweave_sds::SHUTDOWN_GRACE + Duration::from_secs(3),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+}
