@@ -226,6 +226,7 @@ impl ServeArgs {
                 endpoint,
                 min_backoff: Duration::from_millis(self.reconnect_min_ms),
                 max_backoff: Duration::from_millis(self.reconnect_max_ms),
+                first_context_timeout: crate::source::FIRST_CONTEXT_TIMEOUT,
             },
             sds_socket: self.sds_socket.clone(),
             socket_mode,

@@ -51,6 +51,12 @@ pub enum SnapshotError {
     /// The context holds no SVID at all.
     #[error("the Workload API context holds no X.509-SVID")]
     NoSvid,
+    /// The context's default SVID has already expired.
+    #[error("the default X.509-SVID {spiffe_id} sent by the Workload API has already expired")]
+    Expired {
+        /// Its SPIFFE ID.
+        spiffe_id: String,
+    },
 }
 
 impl SnapshotError {
@@ -61,6 +67,7 @@ impl SnapshotError {
             Self::KeyMismatch { .. } => "key_mismatch",
             Self::NoBundle { .. } => "no_bundle",
             Self::NoSvid => "no_svid",
+            Self::Expired { .. } => "expired",
         }
     }
 }
@@ -228,6 +235,11 @@ impl IdentitySnapshot {
         now: SystemTime,
     ) -> Result<Self, SnapshotError> {
         let first = svids.first().ok_or(SnapshotError::NoSvid)?;
+        if first.leaf.is_expired_at(now) {
+            return Err(SnapshotError::Expired {
+                spiffe_id: first.spiffe_id.clone(),
+            });
+        }
         for svid in &svids {
             let td = svid.trust_domain();
             if bundles.get(td).is_none_or(|b| b.roots_der.is_empty()) {

@@ -34,7 +34,13 @@ pub struct SourceConfig {
     pub min_backoff: Duration,
     /// Largest retry delay.
     pub max_backoff: Duration,
+    /// Connecting, opening the stream and receiving its first context must take
+    /// no longer (an agent that accepts and never answers is retried, not waited on).
+    pub first_context_timeout: Duration,
 }
+
+/// Default of [`SourceConfig::first_context_timeout`].
+pub const FIRST_CONTEXT_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl SourceConfig {
     /// The endpoint in the URI form the `spiffe` crate expects.
@@ -94,6 +100,8 @@ impl Backoff {
 enum Ended {
     /// The agent closed the stream.
     Closed,
+    /// No first context within the timeout.
+    TimedOut,
     /// An error, kept typed.
     Error(WorkloadApiError),
 }
@@ -102,6 +110,7 @@ impl Ended {
     fn label(&self) -> &'static str {
         match self {
             Self::Closed => "stream_closed",
+            Self::TimedOut => "timeout",
             Self::Error(e) if e.is_invalid_argument() => "invalid_argument",
             Self::Error(WorkloadApiError::NoIdentityIssued) => "no_identity_issued",
             Self::Error(WorkloadApiError::PermissionDenied(_)) => "permission_denied",
@@ -200,7 +209,14 @@ pub async fn run(config: SourceConfig, owner: IdentityOwner) {
     let mut backoff = Backoff::new(config.min_backoff, config.max_backoff);
     let mut link = Link::Starting;
     loop {
-        let ended = stream_contexts(&endpoint, &owner, &mut link, &mut backoff).await;
+        let ended = stream_contexts(
+            &endpoint,
+            config.first_context_timeout,
+            &owner,
+            &mut link,
+            &mut backoff,
+        )
+        .await;
         owner.metrics.workload_api_connected.set(0);
         owner.metrics.reject(ended.label());
         let delay = match &ended {
@@ -212,6 +228,9 @@ pub async fn run(config: SourceConfig, owner: IdentityOwner) {
         };
         let reason = match &ended {
             Ended::Closed => "the Workload API closed the stream".to_string(),
+            Ended::TimedOut => {
+                format!("no X.509 context within {:?}", config.first_context_timeout)
+            }
             Ended::Error(error) => error.to_string(),
         };
         if link != Link::Down {
@@ -233,22 +252,29 @@ pub async fn run(config: SourceConfig, owner: IdentityOwner) {
 /// Connects, then publishes every context until the stream ends.
 async fn stream_contexts(
     endpoint: &str,
+    first_context_timeout: Duration,
     owner: &IdentityOwner,
     link: &mut Link,
     backoff: &mut Backoff,
 ) -> Ended {
-    let connected = owner
-        .expiring_while(async {
+    let first = owner
+        .expiring_while(tokio::time::timeout(first_context_timeout, async {
             let client = WorkloadApiClient::connect_to(endpoint).await?;
-            client.stream_x509_contexts().await
-        })
+            let mut contexts = Box::pin(client.stream_x509_contexts().await?);
+            let first = contexts.next().await;
+            Ok::<_, WorkloadApiError>((contexts, first))
+        }))
         .await;
-    let mut contexts = match connected {
-        Ok(contexts) => Box::pin(contexts),
-        Err(error) => return Ended::Error(error),
+    let (mut contexts, mut pending) = match first {
+        Err(_) => return Ended::TimedOut,
+        Ok(Err(error)) => return Ended::Error(error),
+        Ok(Ok((contexts, first))) => (contexts, Some(first)),
     };
     loop {
-        let item = owner.expiring_while(contexts.next()).await;
+        let item = match pending.take() {
+            Some(first) => first,
+            None => owner.expiring_while(contexts.next()).await,
+        };
         let context = match item {
             None => return Ended::Closed,
             Some(Err(error)) => return Ended::Error(error),

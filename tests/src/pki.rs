@@ -157,6 +157,21 @@ impl TrustDomainCa {
 
     /// Issues a leaf whose URI SANs are exactly `uris` (tests use several to probe validators).
     pub fn issue_with_uris(&self, uris: &[&str], ttl: Duration) -> IssuedSvid {
+        let now = OffsetDateTime::now_utc();
+        self.issue_with_validity(
+            uris,
+            now - time::Duration::minutes(1),
+            now + time::Duration::try_from(ttl).expect("ttl fits"),
+        )
+    }
+
+    /// Issues a leaf for `uris` valid from `not_before` to `not_after` (e.g. already expired).
+    pub fn issue_with_validity(
+        &self,
+        uris: &[&str],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> IssuedSvid {
         let mut params = CertificateParams::default();
         params
             .distinguished_name
@@ -172,9 +187,8 @@ impl TrustDomainCa {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.subject_alt_names = uris.iter().map(|u| uri_san(u)).collect();
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(1);
-        params.not_after = now + time::Duration::try_from(ttl).expect("ttl fits");
+        params.not_before = not_before;
+        params.not_after = not_after;
         let serial = random_serial();
         let serial_hex = hex::encode(serial.as_ref());
         params.serial_number = Some(serial);

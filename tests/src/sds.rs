@@ -31,6 +31,7 @@ pub fn test_config(sds_socket: &Path, workload_api_endpoint: &str) -> ServerConf
             endpoint: workload_api_endpoint.to_string(),
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(500),
+            first_context_timeout: Duration::from_secs(2),
         },
         sds_socket: sds_socket.to_path_buf(),
         socket_mode: 0o600,

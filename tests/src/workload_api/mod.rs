@@ -143,7 +143,8 @@ impl WorkloadApiStandIn {
             .expect("material is always set")
     }
 
-    fn update(&self, change: impl FnOnce(&mut Material)) {
+    /// Changes what is served (tests use it to serve broken material).
+    pub fn update(&self, change: impl FnOnce(&mut Material)) {
         let mut next = (*self.current()).clone();
         change(&mut next);
         self.material.send_replace(Some(Arc::new(next)));
