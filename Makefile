@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENVOY_BIN = $(shell scripts/envoy-bin.sh)
 export ENVOY_BIN
 
-.PHONY: setup demo test lint build wasm bench bench-filter
+.PHONY: setup demo test lint build wasm bench bench-filter fuzz-smoke fuzz
 
 setup:
 	@scripts/setup.sh
@@ -30,6 +30,7 @@ test: setup lint wasm
 	cargo test --workspace --no-fail-fast
 	python3 -m pytest -q tests/manifests
 	./target/debug/bench-filter --smoke
+	$(MAKE) --no-print-directory fuzz-smoke
 
 lint:
 	cargo fmt --all --check
@@ -44,3 +45,18 @@ bench:
 bench-filter: setup wasm
 	cargo build --release -p trustweave-e2e --bin bench-filter
 	./target/release/bench-filter --output BENCHMARKS.md
+
+## cargo-fuzz targets (fuzz/): SDS state machines and Workload API material.
+## `make fuzz-smoke` runs each for FUZZ_SECONDS (10) from the committed seeds; `make fuzz` for 10 minutes.
+FUZZ_TARGETS = sotw_requests delta_requests workload_api_material
+FUZZ_SECONDS ?= 10
+fuzz-smoke:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  work=$$(mktemp -d); \
+	  cargo fuzz run -s none $$t $$work corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -timeout=10 2>&1 | tail -1 || exit 1; \
+	  rm -rf $$work; \
+	done
+
+fuzz:
+	$(MAKE) fuzz-smoke FUZZ_SECONDS=600
