@@ -52,7 +52,7 @@ FUZZ_TARGETS = sotw_requests delta_requests workload_api_material
 FUZZ_SECONDS ?= 10
 fuzz-smoke:
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	set -o pipefail; cd fuzz && for t in $(FUZZ_TARGETS); do \
 	  work=$$(mktemp -d); \
 	  cargo fuzz run -s none $$t $$work corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -timeout=10 2>&1 | tail -1 || exit 1; \
 	  rm -rf $$work; \
