@@ -155,6 +155,14 @@ impl SotwClient {
         response
     }
 
+    /// The next response if one is ready, else waits (for polling loops with a timeout).
+    pub async fn try_next(&mut self) -> Option<DiscoveryResponse> {
+        let response = self.responses.message().await.ok().flatten()?;
+        self.last_nonce = response.nonce.clone();
+        self.last_version = response.version_info.clone();
+        Some(response)
+    }
+
     /// The status the server ended the stream with (fails the test after 10 s or on a response).
     pub async fn refused(&mut self) -> tonic::Status {
         match tokio::time::timeout(Duration::from_secs(10), self.responses.message())
