@@ -47,3 +47,37 @@ fn inspect_reports_an_absent_socket() {
         "{err}"
     );
 }
+
+#[test]
+fn logs_written_to_a_file_carry_no_colour_codes() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("dir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trustweave-sds"))
+        .arg("--workload-api-socket")
+        .arg(dir.path().join("no-agent.sock"))
+        .arg("--sds-socket")
+        .arg(dir.path().join("sds.sock"))
+        .args(["--admin-addr", "off"])
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run trustweave-sds");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("utf-8 log line");
+        let done = line.contains("Workload API unavailable");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = lines.join("\n");
+    assert!(text.contains("Workload API unavailable"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "ANSI escape codes in a non-terminal log:\n{text}"
+    );
+}

@@ -244,3 +244,91 @@ async fn stalled_readers_never_delay_the_others_nor_hold_shutdown() {
     );
     drop(stalled);
 }
+
+/// The `trustweave-sds` binary built next to these tests (`make test` builds it first).
+fn sds_binary() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/trustweave-sds")
+}
+
+/// CPU seconds a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_descriptors_back_off_instead_of_spinning_and_recover() {
+    let dir = sds::socket_dir();
+    let socket = sds::path_in(&dir, "sds.sock");
+    let log = sds::path_in(&dir, "sds.log");
+    let binary = sds_binary();
+    assert!(
+        binary.exists(),
+        "{} missing: cargo build --workspace --bins",
+        binary.display()
+    );
+    // 40 descriptors: a few dozen connections exhaust them.
+    let mut server = tokio::process::Command::new("prlimit")
+        .args(["--nofile=40:40", "--"])
+        .arg(&binary)
+        .arg("--workload-api-socket")
+        .arg(sds::path_in(&dir, "no-agent.sock"))
+        .arg("--sds-socket")
+        .arg(&socket)
+        .args(["--admin-addr", "off", "--max-connections", "4096"])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run trustweave-sds under prlimit");
+    let pid = server.id().expect("pid");
+    wait_until("socket", Duration::from_secs(10), || async {
+        UnixStream::connect(&socket).await.is_ok()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        held.push(
+            UnixStream::connect(&socket)
+                .await
+                .expect("connect (backlog)"),
+        );
+    }
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("accept errors logged", Duration::from_secs(10), || async {
+        read_log().contains("cannot accept SDS connections; backing off")
+    })
+    .await;
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let burnt = cpu_seconds(pid) - before;
+    assert!(
+        burnt < 0.3,
+        "{burnt} CPU seconds in one second of EMFILE: spinning"
+    );
+    drop(held);
+    wait_until("accepting again", Duration::from_secs(10), || async {
+        read_log().contains("accepting SDS connections again")
+    })
+    .await;
+    assert_eq!(
+        read_log()
+            .matches("cannot accept SDS connections; backing off")
+            .count(),
+        1,
+        "logged once per episode"
+    );
+    assert!(
+        server.try_wait().expect("status").is_none(),
+        "still running"
+    );
+    let _ = server.kill().await;
+}
