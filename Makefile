@@ -10,14 +10,18 @@ setup:
 	@scripts/setup.sh
 
 WASM = target/wasm32-wasip1/wasm/trustweave_filter.wasm
+WASM_REGO = target/wasm32-wasip1/wasm/trustweave_filter_rego.wasm
 
 build: setup wasm
 	cargo build --workspace --bins
 
-## The proxy-wasm filter, with its own size-optimised profile.
+## The proxy-wasm filter, with its own size-optimised profile: the small module
+## (JSON policies) and the one with Rego mode (regorus' compiled VM).
 wasm: setup
-	cargo build -p trustweave-filter --lib --target wasm32-wasip1 --profile wasm
-	@ls -l $(WASM) | awk '{print "trustweave_filter.wasm: " $$5 " bytes"}'
+	cargo build -p trustweave-filter --lib --target wasm32-wasip1 --profile wasm --features rego
+	cp $(WASM) $(WASM_REGO)
+	cargo build -p trustweave-filter --lib --target wasm32-wasip1 --profile wasm --no-default-features
+	@ls -l $(WASM) $(WASM_REGO) | awk '{print $$9 ": " $$5 " bytes"}'
 
 ## Local two-trust-domain demo: SPIRE agent stand-ins → trustweave-sds → real Envoy.
 demo: build
@@ -29,12 +33,14 @@ test: setup lint wasm
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
 	python3 -m pytest -q tests/manifests
+	target/opa-venv/bin/python -m pytest -q tests/rego
 	./target/debug/bench-filter --smoke
 	$(MAKE) --no-print-directory fuzz-smoke
 
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p trustweave-filter --lib --target wasm32-wasip1 --no-default-features -- -D warnings
 	cargo clippy -p trustweave-filter --lib --target wasm32-wasip1 -- -D warnings
 
 ## Benchmarks print figures side by side (no timing assertions in tests).

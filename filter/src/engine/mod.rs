@@ -10,6 +10,8 @@ pub mod identity;
 pub mod metrics;
 pub mod pattern;
 pub mod policy;
+#[cfg(feature = "rego")]
+pub mod rego;
 pub mod spiffe_id;
 
 use annotate::{BaggageChange, NodeFacts};
@@ -55,6 +57,15 @@ pub struct HttpOutcome {
     pub set: Vec<(String, String)>,
     /// Response headers to add when denying.
     pub deny_headers: Vec<(String, String)>,
+    /// Status of a denial (403 unless a Rego result says otherwise).
+    pub deny_status: u32,
+    /// Body of a denial (`RBAC: access denied` unless a Rego result says otherwise).
+    pub deny_body: String,
+    /// Whether a Rego policy failed to decide (counted).
+    pub rego_error: bool,
+    /// The input document a Rego policy was given (shared, not copied).
+    #[cfg(feature = "rego")]
+    pub rego_input: Option<regorus::Value>,
     /// One log line describing a denial or an unenforced dry-run/audit hit.
     pub log: Option<String>,
 }
@@ -111,9 +122,31 @@ pub fn evaluate_http(
         action_header: &config.action_header,
         sni: sni.as_deref(),
     };
-    let decision = decide(config, &facts);
+    #[cfg(feature = "rego")]
+    let (decision, verdict) = match &config.rego {
+        Some(policy) => decide_rego(
+            policy,
+            &rego::RegoFacts {
+                headers: &headers,
+                action_header: &config.action_header,
+                caller: caller.as_ref(),
+                local: &local,
+            },
+        ),
+        None => (decide(config, &facts), Verdict::default()),
+    };
+    #[cfg(not(feature = "rego"))]
+    let (decision, verdict) = (decide(config, &facts), Verdict::default());
+    let Verdict {
+        mut set,
+        mut deny_headers,
+        deny_status,
+        deny_body,
+        rego_error,
+        #[cfg(feature = "rego")]
+        rego_input,
+    } = verdict;
 
-    let mut set = Vec::new();
     if decision.allowed {
         for (name, value) in annotator.request_headers(caller.as_ref(), &local) {
             let present = headers.contains(&name);
@@ -139,7 +172,6 @@ pub fn evaluate_http(
             }
         }
     }
-    let mut deny_headers = Vec::new();
     if let (false, Some(name), Some((policy, _))) = (
         decision.allowed,
         &config.deny_policy_header,
@@ -160,8 +192,81 @@ pub fn evaluate_http(
         remove,
         set,
         deny_headers,
+        deny_status,
+        deny_body,
+        rego_error,
+        #[cfg(feature = "rego")]
+        rego_input,
         log,
     }
+}
+
+/// What a decision adds beyond allow/deny: headers, a denial's status and body.
+struct Verdict {
+    set: Vec<(String, String)>,
+    deny_headers: Vec<(String, String)>,
+    deny_status: u32,
+    deny_body: String,
+    rego_error: bool,
+    #[cfg(feature = "rego")]
+    rego_input: Option<regorus::Value>,
+}
+
+impl Default for Verdict {
+    fn default() -> Self {
+        Self {
+            set: Vec::new(),
+            deny_headers: Vec::new(),
+            deny_status: 403,
+            deny_body: DENY_BODY.to_string(),
+            rego_error: false,
+            #[cfg(feature = "rego")]
+            rego_input: None,
+        }
+    }
+}
+
+/// Rego mode's decision: OPA-Envoy's result rules (see [`rego`]).
+#[cfg(feature = "rego")]
+fn decide_rego(policy: &rego::RegoPolicy, facts: &rego::RegoFacts<'_>) -> (Decision, Verdict) {
+    let mut verdict = Verdict::default();
+    let outcome = match rego::input(facts) {
+        None => rego::RegoDecision::Error("a header value is not UTF-8".into()),
+        Some(input) => {
+            verdict.rego_input = Some(input.clone());
+            policy.decide(input)
+        }
+    };
+    let (allowed, reason) = match outcome {
+        rego::RegoDecision::Allow { headers } => {
+            verdict.set = headers;
+            (true, Reason::AllowedByPolicy)
+        }
+        rego::RegoDecision::Deny {
+            status,
+            body,
+            headers,
+        } => {
+            verdict.deny_status = status;
+            if let Some(body) = body {
+                verdict.deny_body = body;
+            }
+            verdict.deny_headers = headers;
+            (false, Reason::DeniedByPolicy)
+        }
+        rego::RegoDecision::Error(why) => {
+            verdict.rego_error = true;
+            (false, Reason::RegoError(why))
+        }
+    };
+    let decision = Decision {
+        allowed,
+        reason,
+        policy: Some((config::REGO_POLICY_NAME.to_string(), 0)),
+        dry_run: Vec::new(),
+        audited: Vec::new(),
+    };
+    (decision, verdict)
 }
 
 /// What the shim reads for one connection at L4.

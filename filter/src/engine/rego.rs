@@ -1,0 +1,405 @@
+//! Rego mode: the users' own OPA policies, decided inside the filter.
+//!
+//! The modules are parsed and compiled once per configuration by `regorus` and
+//! lowered to its register VM (`rvm`); per request only the input is set and
+//! the query's entry point executed. The result decides: `true` allows; an
+//! object in OPA-Envoy's shape (`allowed`, `headers`, `http_status`, `body`)
+//! allows or denies with those details; anything else — `false`, undefined, a
+//! non-boolean, an evaluation error, a conflict — denies and is counted.
+//!
+//! The input document is OPA-Envoy's (`input.attributes.…`, `parsed_path`,
+//! `parsed_query`) plus the shapes of our users' guides (`input.caller`,
+//! `input.agent`, `input.action`, …); see the README. Identity facts come only
+//! from the verified peer, exactly as the JSON policies get them.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use regorus::languages::rego::compiler::Compiler;
+use regorus::rvm::RegoVM;
+use regorus::{Engine, Value};
+
+use super::config::{ConfigError, RawRego};
+use super::headers::Headers;
+use super::policy::{Caller, Local};
+
+/// A compiled Rego policy and the VM that evaluates it (one per worker).
+pub struct RegoPolicy {
+    query: String,
+    vm: RefCell<RegoVM>,
+}
+
+impl std::fmt::Debug for RegoPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegoPolicy")
+            .field("query", &self.query)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one evaluation decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegoDecision {
+    /// Allowed; headers to add to the request.
+    Allow {
+        /// From an object result's `headers`.
+        headers: Vec<(String, String)>,
+    },
+    /// Denied by the policy.
+    Deny {
+        /// From an object result's `http_status` (default 403).
+        status: u32,
+        /// From its `body`.
+        body: Option<String>,
+        /// From its `headers`, added to the response.
+        headers: Vec<(String, String)>,
+    },
+    /// The policy could not decide (error, undefined, wrong type): denied, counted.
+    Error(String),
+}
+
+fn error(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl RegoPolicy {
+    /// Parses and compiles `raw`; errors name the module and line.
+    pub fn compile(raw: &RawRego) -> Result<Self, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        if raw.modules.is_empty() {
+            errors.push(error("rego.modules", "at least one module is required"));
+        }
+        if !raw.query.starts_with("data.") {
+            errors.push(error(
+                "rego.query",
+                format!("{:?} must name a rule, e.g. data.authz.allow", raw.query),
+            ));
+        }
+        let mut engine = Engine::new();
+        for (name, text) in &raw.modules {
+            if let Err(e) = engine.add_policy(name.clone(), text.clone()) {
+                errors.push(error(&format!("rego.modules.{name}"), e.to_string()));
+            }
+        }
+        if !raw.data.is_null() && !raw.data.is_object() {
+            errors.push(error("rego.data", "must be an object"));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let data = Value::from(raw.data.clone());
+        let entry: Arc<str> = Arc::from(raw.query.as_str());
+        let compiled = engine
+            .compile_with_entrypoint(&entry)
+            .map_err(|e| vec![error("rego.query", e.to_string())])?;
+        let program = Compiler::compile_from_policy(&compiled, &[raw.query.as_str()])
+            .map_err(|e| vec![error("rego.query", e.to_string())])?;
+        let mut vm = RegoVM::new_with_policy(compiled);
+        vm.load_program(program);
+        if !raw.data.is_null() {
+            vm.set_data(data)
+                .map_err(|e| vec![error("rego.data", e.to_string())])?;
+        }
+        Ok(Self {
+            query: raw.query.clone(),
+            vm: RefCell::new(vm),
+        })
+    }
+
+    /// Evaluates one input document.
+    pub fn decide(&self, input: Value) -> RegoDecision {
+        let Ok(mut vm) = self.vm.try_borrow_mut() else {
+            return RegoDecision::Error("the Rego VM is busy".into());
+        };
+        vm.set_input(input);
+        match vm.execute_entry_point_by_name(&self.query) {
+            Err(e) => RegoDecision::Error(format!("evaluation failed: {e}")),
+            Ok(result) => interpret(&result),
+        }
+    }
+}
+
+fn string_pairs(value: &Value) -> Vec<(String, String)> {
+    value
+        .as_object()
+        .map(|object| {
+            object
+                .iter()
+                .filter_map(|(k, v)| {
+                    let name = k.as_string().ok()?.to_ascii_lowercase();
+                    let value = v.as_string().ok()?.to_string();
+                    let valid = !name.is_empty()
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                        && value.bytes().all(|b| b != b'\r' && b != b'\n' && b != 0);
+                    valid.then_some((name, value))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// OPA-Envoy's result rules: a boolean, or `{allowed, headers, http_status, body}`.
+fn interpret(result: &Value) -> RegoDecision {
+    match result {
+        Value::Bool(true) => RegoDecision::Allow { headers: vec![] },
+        Value::Bool(false) => RegoDecision::Deny {
+            status: 403,
+            body: None,
+            headers: vec![],
+        },
+        Value::Undefined => RegoDecision::Error("the query is undefined".into()),
+        Value::Object(object) => {
+            let field = |name: &str| object.get(&Value::from(name));
+            let headers = field("headers").map(string_pairs).unwrap_or_default();
+            match field("allowed") {
+                Some(Value::Bool(true)) => RegoDecision::Allow { headers },
+                Some(Value::Bool(false)) => {
+                    let status = field("http_status")
+                        .and_then(|s| s.as_u64().ok())
+                        .and_then(|s| u32::try_from(s).ok())
+                        .filter(|s| (200..600).contains(s))
+                        .unwrap_or(403);
+                    let body =
+                        field("body").and_then(|b| b.as_string().ok().map(|s| s.to_string()));
+                    RegoDecision::Deny {
+                        status,
+                        body,
+                        headers,
+                    }
+                }
+                _ => RegoDecision::Error("the result object has no boolean `allowed`".into()),
+            }
+        }
+        other => RegoDecision::Error(format!("the result {other} is not a boolean")),
+    }
+}
+
+fn s(text: &str) -> Value {
+    Value::from(text)
+}
+
+fn object(pairs: Vec<(&str, Value)>) -> Value {
+    Value::from(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (s(k), v))
+            .collect::<BTreeMap<Value, Value>>(),
+    )
+}
+
+fn opt(text: Option<&str>) -> Value {
+    text.map_or(Value::Undefined, s)
+}
+
+/// Decodes a path segment (`%XX`; `+` stays), as Go's `url.PathUnescape`.
+fn decode_path(text: &str) -> String {
+    decode(text, false)
+}
+
+/// Decodes a query component (`%XX`, `+` is a space), as Go's `url.ParseQuery`.
+fn decode_query(text: &str) -> String {
+    decode(text, true)
+}
+
+/// Decodes `%XX` (invalid escapes stay as they are); `plus_is_space` for queries.
+fn decode(text: &str, plus_is_space: bool) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| bytes[i] == b'%' && h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(if plus_is_space && bytes[i] == b'+' {
+                    b' '
+                } else {
+                    bytes[i]
+                });
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Everything one request offers a Rego policy.
+pub struct RegoFacts<'a> {
+    /// The request's headers (after anti-spoofing).
+    pub headers: &'a Headers,
+    /// Name of the action header.
+    pub action_header: &'a str,
+    /// The caller, if an identity was established.
+    pub caller: Option<&'a Caller>,
+    /// This hop.
+    pub local: &'a Local,
+}
+
+/// Builds the input document (documented in the README). A request with a
+/// header value that is not UTF-8 gets `None`: the shim denies it.
+pub fn input(facts: &RegoFacts<'_>) -> Option<Value> {
+    let mut header_map = BTreeMap::new();
+    for (name, _) in facts.headers.entries() {
+        if header_map.contains_key(&s(name)) {
+            continue;
+        }
+        let joined = facts.headers.joined_text(name)?;
+        header_map.insert(s(name), Value::from(joined));
+    }
+    let first = |name: &str| facts.headers.joined_text(name);
+    let method = first(":method");
+    let path_and_query = first(":path").unwrap_or_default();
+    let host = first(":authority").or_else(|| first("host"));
+    let (path, query) = path_and_query
+        .split_once('?')
+        .map_or((path_and_query.as_str(), ""), |(p, q)| (p, q));
+    let path = path.split('#').next().unwrap_or("");
+    let parsed_path: Vec<Value> = path
+        .split('/')
+        .filter(|seg| !seg.is_empty())
+        .map(|seg| Value::from(decode_path(seg)))
+        .collect();
+    let mut parsed_query: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        parsed_query
+            .entry(Value::from(decode_query(k)))
+            .or_default()
+            .push(Value::from(decode_query(v)));
+    }
+    let action = first(facts.action_header);
+    let caller_id = facts.caller.map(|c| c.id.as_str());
+    let local_id = facts.local.principal.as_deref();
+    let place = |id: Option<&str>, td: Option<&str>, cloud: Option<&str>, region: Option<&str>| {
+        object(vec![
+            ("spiffe_id", opt(id)),
+            ("trust_domain", opt(td)),
+            ("cloud", opt(cloud)),
+            ("region", opt(region)),
+        ])
+    };
+    let caller = facts.caller.map_or_else(Value::new_object, |c| {
+        place(
+            Some(c.id.as_str()),
+            Some(c.id.trust_domain()),
+            c.cloud.as_deref(),
+            c.region.as_deref(),
+        )
+    });
+    let agent = place(
+        local_id,
+        facts.local.trust_domain.as_deref(),
+        facts.local.cloud.as_deref(),
+        facts.local.region.as_deref(),
+    );
+    let http = object(vec![
+        ("method", opt(method.as_deref())),
+        ("path", s(&path_and_query)),
+        ("host", opt(host.as_deref())),
+        ("headers", Value::from(header_map)),
+    ]);
+    let attributes = object(vec![
+        ("request", object(vec![("http", http)])),
+        ("source", object(vec![("principal", opt(caller_id))])),
+        ("destination", object(vec![("principal", opt(local_id))])),
+    ]);
+    let mut document = vec![
+        ("attributes", attributes),
+        ("parsed_path", Value::from(parsed_path)),
+        (
+            "parsed_query",
+            Value::from(
+                parsed_query
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::from(v)))
+                    .collect::<BTreeMap<Value, Value>>(),
+            ),
+        ),
+        ("caller", caller),
+        ("agent", agent),
+        ("request", object(vec![("method", opt(action.as_deref()))])),
+        ("action", opt(action.as_deref())),
+        ("callee_spiffe_id", opt(local_id)),
+    ];
+    if let Some(id) = caller_id {
+        document.push(("caller_spiffe_id", s(id)));
+    }
+    // Undefined members are left out, as OPA leaves out absent JSON fields.
+    let document = document
+        .into_iter()
+        .map(|(k, v)| (k, strip_undefined(v)))
+        .filter(|(_, v)| *v != Value::Undefined)
+        .collect();
+    Some(object(document))
+}
+
+fn strip_undefined(value: Value) -> Value {
+    match value {
+        Value::Object(map) => Value::from(
+            map.iter()
+                .filter(|(_, v)| **v != Value::Undefined)
+                .map(|(k, v)| (k.clone(), strip_undefined(v.clone())))
+                .collect::<BTreeMap<Value, Value>>(),
+        ),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_are_read_as_opa_envoy_reads_them() {
+        assert_eq!(
+            interpret(&Value::Bool(true)),
+            RegoDecision::Allow { headers: vec![] }
+        );
+        assert!(matches!(
+            interpret(&Value::Bool(false)),
+            RegoDecision::Deny { status: 403, .. }
+        ));
+        assert!(matches!(
+            interpret(&Value::Undefined),
+            RegoDecision::Error(_)
+        ));
+        assert!(matches!(
+            interpret(&Value::from("yes")),
+            RegoDecision::Error(_)
+        ));
+        let denied = Value::from_json_str(
+            r#"{"allowed":false,"http_status":429,"body":"slow down","headers":{"X-Why":"quota","bad\nname":"x"}}"#,
+        )
+        .expect("json");
+        assert_eq!(
+            interpret(&denied),
+            RegoDecision::Deny {
+                status: 429,
+                body: Some("slow down".into()),
+                headers: vec![("x-why".into(), "quota".into())],
+            }
+        );
+        let no_allowed = Value::from_json_str(r#"{"headers":{}}"#).expect("json");
+        assert!(matches!(interpret(&no_allowed), RegoDecision::Error(_)));
+    }
+
+    #[test]
+    fn paths_and_queries_are_parsed_as_opa_envoy_does() {
+        assert_eq!(decode_query("a%20b+c"), "a b c");
+        assert_eq!(decode_path("a%20b+c"), "a b+c");
+        assert_eq!(decode_path("%zz"), "%zz");
+    }
+}

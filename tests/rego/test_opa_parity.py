@@ -1,0 +1,150 @@
+"""Rego mode decides as OPA decides.
+
+For each request, `trustweave-policy check --print-input` prints the input
+document the filter builds and its decision; the real OPA engine (Go, through
+`opa-golib-python-bindings`) evaluates the same modules, data and query on that
+input. Where OPA's semantics are subtle (undefined vs false, `default`,
+`some`/`every`, `in`, `split`/`startswith`) the expected answer is OPA's, stated
+in the case.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+
+import pytest
+from opa_bindings import OpaEngine, OpaUndefinedError
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CLI = REPO / "target" / "debug" / "trustweave-policy"
+EXAMPLES = REPO / "filter" / "examples"
+WORKER = "spiffe://gcp.company.com/region/gcp-us-central1/worker-1"
+ORCHESTRATOR = "spiffe://aws.company.com/region/aws-us-east-1/orchestrator"
+CATALOG = "spiffe://aws.company.com/ns/shop/sa/catalog"
+REPORTER = "spiffe://azure.company.com/ns/analytics/sa/reporter"
+ONPREM = "spiffe://onprem.company.com/ns/x/sa/y"
+
+
+def ours(config: pathlib.Path, principal: str | None, headers: dict[str, str], path: str = "/", local: str = WORKER):
+    args = [str(CLI), "check", str(config), "--print-input", "--local-principal", local, "--path", path]
+    if principal:
+        args += ["--principal", principal]
+    for name, value in headers.items():
+        args += ["--header", f"{name}={value}"]
+    out = subprocess.run(args, capture_output=True, text=True)
+    assert out.returncode in (0, 1), out.stderr
+    lines = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
+    document = json.loads(lines["input"])
+    reason = lines["reason"].strip()
+    if "undefined" in reason:
+        verdict = "undefined"
+    else:
+        verdict = lines["decision"].strip() == "ALLOW"
+    return document, verdict
+
+
+def opa(config: pathlib.Path, document: dict):
+    rego = json.loads(config.read_text())["rego"]
+    with OpaEngine() as engine:
+        for name, text in rego["modules"].items():
+            engine.add_policy(name, text)
+        if rego.get("data"):
+            engine.add_data(rego["data"])
+        try:
+            result = engine.eval_document(rego["query"].removeprefix("data."), input=document)
+        except OpaUndefinedError:
+            return "undefined"
+    if isinstance(result, dict):
+        return result.get("allowed") is True
+    return result is True if isinstance(result, bool) else ("not a boolean", result)
+
+
+AUTHZ = EXAMPLES / "rego-authz.json"
+FEDERATED = EXAMPLES / "rego-federated.json"
+
+GUIDE_CASES = [
+    # agentweave.authz
+    (AUTHZ, ORCHESTRATOR, {}, True),  # the AWS orchestrator may call GCP workers
+    (AUTHZ, "spiffe://aws.company.com/region/aws-us-east-1/other", {}, False),
+    (AUTHZ, "spiffe://gcp.company.com/region/gcp-us-central1/peer", {}, True),  # same region
+    (AUTHZ, "spiffe://azure.company.com/region/azure-eastus/agent", {}, False),
+    (AUTHZ, "spiffe://azure.company.com/region/azure-eastus/agent", {"x-trustweave-action": "ping"}, True),
+    (AUTHZ, None, {"x-trustweave-action": "health_check"}, True),  # anyone, even without identity
+    (AUTHZ, None, {"x-trustweave-action": "write"}, False),
+    # agentweave.authz.federated
+    (FEDERATED, "spiffe://gcp.company.com/ns/billing/sa/invoicer", {}, True),
+    (FEDERATED, CATALOG, {"x-trustweave-action": "inventory.read"}, True),
+    (FEDERATED, CATALOG, {"x-trustweave-action": "inventory.write"}, False),
+    (FEDERATED, REPORTER, {"x-trustweave-action": "inventory.report"}, True),
+    (FEDERATED, ONPREM, {"x-trustweave-action": "inventory.read"}, False),  # not a federated domain
+    (FEDERATED, None, {"x-trustweave-action": "inventory.read"}, False),
+]
+
+
+@pytest.mark.parametrize("config,principal,headers,expected", GUIDE_CASES)
+def test_guide_policies_decide_as_opa(config, principal, headers, expected):
+    document, verdict = ours(config, principal, headers)
+    assert verdict == expected
+    assert opa(config, document) == expected
+
+
+SEMANTICS = """package semantics
+import rego.v1
+
+headers := input.attributes.request.http.headers
+
+# Undefined without the header, false with another value.
+flag := headers["x-flag"] == "yes"
+
+# `default` turns undefined into false.
+default with_default := false
+with_default if headers["x-flag"] == "yes"
+
+every_segment_short if {
+  every seg in input.parsed_path { count(seg) < 6 }
+}
+
+some_segment_admin if {
+  some seg in input.parsed_path
+  seg == "admin"
+}
+
+action_in_list if input.action in ["read", "write"]
+
+second_starts_with_b if {
+  parts := split(headers["x-list"], ",")
+  startswith(parts[1], "b")
+}
+"""
+
+SEMANTIC_CASES = [
+    ("flag", {}, "/", "undefined"),
+    ("flag", {"x-flag": "no"}, "/", False),
+    ("flag", {"x-flag": "yes"}, "/", True),
+    ("with_default", {}, "/", False),
+    ("every_segment_short", {}, "/api/admin", True),
+    ("every_segment_short", {}, "/api/toolong1", "undefined"),
+    ("every_segment_short", {}, "/", True),  # every over nothing holds
+    ("some_segment_admin", {}, "/api/admin", True),
+    ("some_segment_admin", {}, "/api/user", "undefined"),
+    ("action_in_list", {"x-trustweave-action": "write"}, "/", True),
+    ("action_in_list", {"x-trustweave-action": "delete"}, "/", "undefined"),
+    ("second_starts_with_b", {"x-list": "a,bee,c"}, "/", True),
+    ("second_starts_with_b", {"x-list": "a"}, "/", "undefined"),
+]
+
+
+@pytest.mark.parametrize("rule,headers,path,expected", SEMANTIC_CASES)
+def test_subtle_semantics_match_opa(tmp_path, rule, headers, path, expected):
+    config = tmp_path / f"{rule}.json"
+    config.write_text(json.dumps({
+        "placement": "sidecar",
+        "layer": "http",
+        "action_header": "x-trustweave-action",
+        "rego": {"modules": {"semantics.rego": SEMANTICS}, "query": f"data.semantics.{rule}"},
+    }))
+    document, verdict = ours(config, "spiffe://gcp.company.com/ns/a/sa/b", headers, path)
+    assert opa(config, document) == expected, "OPA's documented answer"
+    assert verdict == expected
