@@ -29,6 +29,31 @@ pub fn wasm_path() -> PathBuf {
     path
 }
 
+/// The build with Rego mode: `$TRUSTWEAVE_REGO_WASM`, else the `wasm` profile output `make wasm` copies.
+pub fn rego_wasm_path() -> PathBuf {
+    let path = std::env::var_os("TRUSTWEAVE_REGO_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/wasm32-wasip1/wasm/trustweave_filter_rego.wasm")
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: make wasm builds it",
+        path.display()
+    );
+    path
+}
+
+/// Istio's sidecar HTTP entry running the Rego build with `config_json`.
+pub fn rego_filter(config_json: &str) -> Value {
+    let mut entry = http_filter(config_json);
+    entry["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
+        json!(rego_wasm_path());
+    entry["typed_config"]["config"]["vm_config"]["vm_id"] = json!("trustweave-rego");
+    entry
+}
+
 /// The shipped HCM `tracing` block whose `custom_tags` put the annotations on spans.
 pub fn tracing_custom_tags() -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
