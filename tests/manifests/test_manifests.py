@@ -178,6 +178,7 @@ SHIPPED = {
     "envoyfilter-gateway-sni.yaml": "eastwest-passthrough.json",
     "wasmplugin-oci.yaml": "multi-cloud-policy.json",
     "wasmplugin-file.yaml": "multi-cloud-policy.json",
+    "wasmplugin-rego.yaml": "rego-federated.json",
 }
 
 
