@@ -37,11 +37,19 @@ pub enum Variant {
     Filter,
     /// trustweave-filter, every policy in dry run.
     DryRun,
+    /// trustweave-filter's Rego build with the users' federated guide policy.
+    Rego,
 }
 
 impl Variant {
     /// Every variant, in the interleaving order.
-    pub const ALL: [Variant; 4] = [Self::None, Self::Rbac, Self::Filter, Self::DryRun];
+    pub const ALL: [Variant; 5] = [
+        Self::None,
+        Self::Rbac,
+        Self::Filter,
+        Self::DryRun,
+        Self::Rego,
+    ];
 
     /// Its column label.
     pub fn label(self) -> &'static str {
@@ -50,6 +58,7 @@ impl Variant {
             Self::Rbac => "B RBAC",
             Self::Filter => "C trustweave",
             Self::DryRun => "D dry run",
+            Self::Rego => "E Rego",
         }
     }
 }
@@ -108,6 +117,13 @@ pub fn filter_config(s: Scenario, dry_run: bool) -> String {
     config.to_string()
 }
 
+/// The users' federated guide policy (Rego), as shipped in `filter/examples/`.
+pub fn rego_guide_config() -> String {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../filter/examples/rego-federated.json");
+    std::fs::read_to_string(path).expect("filter/examples/rego-federated.json")
+}
+
 /// Envoy's RBAC filter with the rules Istio generates for the same policies.
 pub fn rbac_filter(s: Scenario) -> Value {
     let matcher = |p: &str| {
@@ -155,6 +171,7 @@ pub fn server_bootstrap(
         Variant::Rbac => vec![rbac_filter(s)],
         Variant::Filter => vec![filter::http_filter(&filter_config(s, false))],
         Variant::DryRun => vec![filter::http_filter(&filter_config(s, true))],
+        Variant::Rego => vec![filter::rego_filter(&rego_guide_config())],
     };
     filters.push(filter::router());
     let mut hcm = filter::hcm("inbound", Some(SIDECAR_HCM), filters, "unused");

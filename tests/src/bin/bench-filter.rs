@@ -99,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
     let (server_svid, client_svid) = (ca.issue_svid(SERVER, ttl), ca.issue_svid(CALLER, ttl));
     let dir = tempfile::tempdir()?;
     let mut table = String::from(
-        "| principals × policies | A none | B RBAC | C trustweave | D dry run | B − A | C − A | (B − A) / (C − A) | C rps, p50 / p99 |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| principals × policies | A none | B RBAC | C trustweave | D dry run | E Rego (guide policy) | B − A | C − A | E − A | (B − A) / (C − A) | C rps, p50 / p99 |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for scenario in &scenarios {
         let mut servers = Vec::new();
@@ -163,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         for (variant, envoy, _) in &servers {
-            if matches!(variant, Variant::Filter | Variant::DryRun) {
+            if matches!(variant, Variant::Filter | Variant::DryRun | Variant::Rego) {
                 let stats = envoy
                     .admin_get("/stats?filter=trustweave.peer_certificates_parsed")
                     .await;
@@ -179,10 +179,11 @@ async fn main() -> anyhow::Result<()> {
             let (m, lo, hi) = cpu(v);
             format!("{m:.1} µs ({lo:.1}–{hi:.1})")
         };
-        let (a, b, c) = (
+        let (a, b, c, e) = (
             cpu(Variant::None).0,
             cpu(Variant::Rbac).0,
             cpu(Variant::Filter).0,
+            cpu(Variant::Rego).0,
         );
         let (rps, p50, p99) = (
             figures(Variant::Filter, |s| s.wrk.rps).0,
@@ -190,15 +191,17 @@ async fn main() -> anyhow::Result<()> {
             figures(Variant::Filter, |s| s.wrk.p99_us).0,
         );
         let row = format!(
-            "| {} × {} | {} | {} | {} | {} | {:.1} µs | {:.1} µs | {:.1}× | {:.0}, {:.0} / {:.0} µs |\n",
+            "| {} × {} | {} | {} | {} | {} | {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1}× | {:.0}, {:.0} / {:.0} µs |\n",
             scenario.principals,
             scenario.policies,
             cell(Variant::None),
             cell(Variant::Rbac),
             cell(Variant::Filter),
             cell(Variant::DryRun),
+            cell(Variant::Rego),
             b - a,
             c - a,
+            e - a,
             (b - a) / (c - a),
             rps,
             p50,
@@ -216,8 +219,10 @@ async fn main() -> anyhow::Result<()> {
          Figures: server Envoy CPU time (scheduler run time of its threads, `/proc/<pid>/task/*/schedstat`) per request \
          served, median (min–max) over rounds. B is Envoy's RBAC with Istio's \
          `authenticated.principal_name` matchers; C and D are trustweave-filter as shipped \
-         (identity from the certificate, annotation headers and baggage set); the allowed \
-         caller is last in every list (exact, prefix and suffix patterns mixed).\n\n{table}",
+         (identity from the certificate, annotation headers and baggage set); E is the Rego \
+         build running the users' federated guide policy (`filter/examples/rego-federated.json`, \
+         the same for every row); the allowed caller is last in every list (exact, prefix and \
+         suffix patterns mixed).\n\n{table}",
         bench_filter::machine_facts(),
         args.connections,
         rounds,
