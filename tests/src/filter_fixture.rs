@@ -136,3 +136,33 @@ pub fn with_pem_trust(mut bootstrap: Value, ca: &TrustDomainCa) -> Value {
         json!({ "trusted_ca": { "inline_string": ca.root_pem() } });
     bootstrap
 }
+
+/// Starts this GCP worker's sidecar with `filter` and waits until Envoy refuses
+/// the configuration and exits; returns Envoy's log.
+pub async fn refused_configuration(
+    dir: &tempfile::TempDir,
+    pki: &Pki,
+    name: &str,
+    filter: Value,
+) -> String {
+    let echo = upstream::start_header_echo().await;
+    let bootstrap = filter::sidecar(
+        "worker",
+        gcp_node(),
+        &pki.svid(WORKER),
+        &pki.all(),
+        filter,
+        echo,
+    );
+    let mut envoy = Envoy::start(name, dir.path(), &bootstrap).await;
+    crate::wait::wait_until(
+        "Envoy refuses the configuration",
+        Duration::from_secs(20),
+        || {
+            let done = !envoy.is_running();
+            async move { done }
+        },
+    )
+    .await;
+    envoy.log()
+}

@@ -2,8 +2,6 @@
 //! and the `istio/` EnvoyFilter settings: hostile bytes, XFCC tricks, Istio's
 //! DENY semantics, ambiguous headers, paths, and L4 server-first upstreams.
 
-use std::time::Duration;
-
 use trustweave_e2e::envoy::Envoy;
 use trustweave_e2e::filter;
 use trustweave_e2e::filter_fixture::*;
@@ -12,7 +10,6 @@ use trustweave_e2e::pki::IssuedSvid;
 use trustweave_e2e::sds;
 use trustweave_e2e::tls_client::{self, raw_head};
 use trustweave_e2e::upstream::{self, BannerServer, BANNER};
-use trustweave_e2e::wait::wait_until;
 
 async fn raw(
     addr: std::net::SocketAddr,
@@ -303,26 +300,13 @@ async fn a_bare_trust_domain_is_not_a_caller() {
 async fn a_positional_array_is_not_a_configuration() {
     let pki = Pki::new();
     let dir = sds::socket_dir();
-    let echo = upstream::start_header_echo().await;
-    let bootstrap = filter::sidecar(
-        "worker",
-        gcp_node(),
-        &pki.svid(WORKER),
-        &pki.all(),
+    let log = refused_configuration(
+        &dir,
+        &pki,
+        "array",
         filter::http_filter(r#"["sidecar","http","ALLOW"]"#),
-        echo,
-    );
-    let mut envoy = Envoy::start("array", dir.path(), &bootstrap).await;
-    wait_until(
-        "Envoy refuses the configuration",
-        Duration::from_secs(20),
-        || {
-            let done = !envoy.is_running();
-            async move { done }
-        },
     )
     .await;
-    let log = envoy.log();
     assert!(log.contains("invalid configuration"), "{log}");
     assert!(log.contains("is an array"), "{log}");
 }

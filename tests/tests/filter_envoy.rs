@@ -9,7 +9,7 @@ use trustweave_e2e::filter;
 use trustweave_e2e::filter_fixture::*;
 use trustweave_e2e::sds;
 use trustweave_e2e::tls_client;
-use trustweave_e2e::upstream::{self, ByteCounter};
+use trustweave_e2e::upstream::ByteCounter;
 use trustweave_e2e::wait::wait_until;
 
 #[tokio::test]
@@ -226,28 +226,9 @@ async fn dry_run_is_counted_in_envoy_stats_but_not_enforced() {
 async fn an_invalid_configuration_fails_closed_naming_the_field() {
     let pki = Pki::new();
     let dir = sds::socket_dir();
-    let echo = upstream::start_header_echo().await;
     let config =
         r#"{"policies":[{"name":"ok","action":"ALLOW","rules":[{"to":{"methods":["get"]}}]}]}"#;
-    let bootstrap = filter::sidecar(
-        "worker",
-        gcp_node(),
-        &pki.svid(WORKER),
-        &pki.all(),
-        filter::http_filter(config),
-        echo,
-    );
-    let mut envoy = Envoy::start("invalid", dir.path(), &bootstrap).await;
-    wait_until(
-        "Envoy refuses the configuration",
-        Duration::from_secs(20),
-        || {
-            let done = !envoy.is_running();
-            async move { done }
-        },
-    )
-    .await;
-    let log = envoy.log();
+    let log = refused_configuration(&dir, &pki, "invalid", filter::http_filter(config)).await;
     assert!(log.contains("policies[0].rules[0].to.methods[0]"), "{log}");
     assert!(log.contains("invalid configuration"), "{log}");
 }

@@ -6,11 +6,9 @@
 use std::time::Duration;
 
 use serde_json::json;
-use trustweave_e2e::envoy::Envoy;
 use trustweave_e2e::filter;
 use trustweave_e2e::filter_fixture::*;
 use trustweave_e2e::sds;
-use trustweave_e2e::upstream;
 use trustweave_e2e::wait::wait_until;
 
 const ORCHESTRATOR_BY_REGION: &str = "spiffe://aws.company.com/region/aws-us-east-1/orchestrator";
@@ -141,30 +139,11 @@ conflict := 2 if input.action == "clash"
 async fn a_module_that_does_not_compile_is_refused_naming_module_and_line() {
     let pki = Pki::new();
     let dir = sds::socket_dir();
-    let echo = upstream::start_header_echo().await;
     let config =
         json!({"rego": {"modules": {"broken.rego": "package x\nallow if {\n  input.a ==\n}\n"},
                                   "query": "data.x.allow"}})
         .to_string();
-    let bootstrap = filter::sidecar(
-        "worker",
-        gcp_node(),
-        &pki.svid(WORKER),
-        &pki.all(),
-        filter::rego_filter(&config),
-        echo,
-    );
-    let mut envoy = Envoy::start("broken", dir.path(), &bootstrap).await;
-    wait_until(
-        "Envoy refuses the configuration",
-        Duration::from_secs(20),
-        || {
-            let done = !envoy.is_running();
-            async move { done }
-        },
-    )
-    .await;
-    let log = envoy.log();
+    let log = refused_configuration(&dir, &pki, "broken", filter::rego_filter(&config)).await;
     assert!(log.contains("rego.modules.broken.rego"), "{log}");
     assert!(log.contains("broken.rego:4"), "{log}");
 }
