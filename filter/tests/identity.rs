@@ -202,3 +202,33 @@ fn evaluate_http_strips_only_present_spoofable_headers_and_annotates() {
         "the next request of this connection skips the parse"
     );
 }
+
+#[cfg(feature = "rego")]
+#[test]
+fn rego_dry_run_reports_and_never_enforces() {
+    let c = config(
+        r#"{"rego":{"dry_run":true,"modules":{"a.rego":"package a\nimport rego.v1\ndefault allow := false\nallow if input.action == \"ok\"\n"},"query":"data.a.allow"}}"#,
+    );
+    let evaluate = |action: &str| {
+        evaluate_http(
+            &c,
+            HttpInput {
+                headers: Headers::from_text(&[(":path", "/"), ("x-trustweave-action", action)]),
+                ..HttpInput::default()
+            },
+            &mut trustweave_filter::engine::identity::StatedCertificates::default(),
+        )
+        .decision
+    };
+    use trustweave_filter::engine::decide::Shadow;
+    let denied = evaluate("nope");
+    assert!(denied.allowed, "dry run never enforces");
+    assert_eq!(
+        denied.dry_run,
+        vec![("rego".to_string(), Shadow::WouldDeny)]
+    );
+    assert_eq!(
+        evaluate("ok").dry_run,
+        vec![("rego".to_string(), Shadow::WouldAllow)]
+    );
+}

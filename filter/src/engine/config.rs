@@ -117,6 +117,9 @@ pub struct RawRego {
     pub data: serde_json::Value,
     /// The rule whose value decides, e.g. `data.agentweave.authz.allow`.
     pub query: String,
+    /// Evaluate, log and count what the policy would do, never enforce it.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// The policy name Rego decisions are counted and reported under.

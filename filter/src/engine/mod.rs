@@ -259,6 +259,29 @@ fn decide_rego(policy: &rego::RegoPolicy, facts: &rego::RegoFacts<'_>) -> (Decis
             (false, Reason::RegoError(why))
         }
     };
+    if policy.dry_run {
+        // Reported, never enforced: the request goes on as it came.
+        let shadow = if allowed {
+            decide::Shadow::WouldAllow
+        } else {
+            decide::Shadow::WouldDeny
+        };
+        let decision = Decision {
+            allowed: true,
+            reason: Reason::Default,
+            policy: None,
+            dry_run: vec![(config::REGO_POLICY_NAME.to_string(), shadow)],
+            audited: Vec::new(),
+        };
+        return (
+            decision,
+            Verdict {
+                rego_input: verdict.rego_input,
+                rego_error: verdict.rego_error,
+                ..Verdict::default()
+            },
+        );
+    }
     let decision = Decision {
         allowed,
         reason,

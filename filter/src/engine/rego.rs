@@ -27,6 +27,8 @@ use super::policy::{Caller, Local};
 /// A compiled Rego policy and the VM that evaluates it (one per worker).
 pub struct RegoPolicy {
     query: String,
+    /// Evaluated and counted, never enforced.
+    pub dry_run: bool,
     vm: RefCell<RegoVM>,
 }
 
@@ -106,6 +108,7 @@ impl RegoPolicy {
         }
         Ok(Self {
             query: raw.query.clone(),
+            dry_run: raw.dry_run,
             vm: RefCell::new(vm),
         })
     }
