@@ -215,7 +215,7 @@ async fn main() -> anyhow::Result<()> {
          Machine: {}. Server Envoy `--concurrency 1`, mTLS with required client certificates, \
          direct 200 response, pinned to a core of its own; client Envoy originating mTLS with an \
          SVID and `wrk -t1 -c{}` share the other core; \
-         configurations interleaved (A B C D × {} rounds after a warm-up round, {} s each). \
+         configurations interleaved (A B C D E × {} rounds after a warm-up round, {} s each). \
          Figures: server Envoy CPU time (scheduler run time of its threads, `/proc/<pid>/task/*/schedstat`) per request \
          served, median (min–max) over rounds. B is Envoy's RBAC with Istio's \
          `authenticated.principal_name` matchers; C and D are trustweave-filter as shipped \
