@@ -247,24 +247,23 @@ pub fn cpu_micros(pid: u32) -> u64 {
     nanos / 1_000
 }
 
-/// Requests the server Envoy's listener has served (its HCM's `downstream_rq_2xx`).
+/// Requests the server Envoy's listener answered (its HCM's 2xx, 4xx and 5xx).
 pub async fn served(envoy: &Envoy) -> u64 {
-    let stats = envoy
-        .admin_get("/stats?filter=^http.inbound.downstream_rq_(2xx|4xx|5xx)$")
-        .await;
-    stats
-        .lines()
-        .filter_map(|l| l.rsplit_once(": "))
-        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
-        .sum()
+    responses(envoy, "2xx|4xx|5xx").await
 }
 
 /// Non-2xx answers the server gave (a benchmark where the caller is refused measures nothing).
 pub async fn refused(envoy: &Envoy) -> u64 {
-    let stats = envoy
-        .admin_get("/stats?filter=^http.inbound.downstream_rq_(4xx|5xx)$")
-        .await;
-    stats
+    responses(envoy, "4xx|5xx").await
+}
+
+/// The sum of the listener's response counters of `classes` (a regex alternation).
+async fn responses(envoy: &Envoy, classes: &str) -> u64 {
+    envoy
+        .admin_get(&format!(
+            "/stats?filter=^http.inbound.downstream_rq_({classes})$"
+        ))
+        .await
         .lines()
         .filter_map(|l| l.rsplit_once(": "))
         .filter_map(|(_, v)| v.trim().parse::<u64>().ok())

@@ -116,16 +116,20 @@ pub fn one<'a>(headers: &'a BTreeMap<String, Vec<String>>, name: &str) -> Option
 
 /// A destination sidecar (this GCP worker) running `filter`, in front of the header echo.
 pub async fn sidecar(dir: &tempfile::TempDir, pki: &Pki, filter: Value) -> (Envoy, SocketAddr) {
+    start(dir, "sidecar", &worker_bootstrap(pki, filter).await).await
+}
+
+/// The bootstrap of this GCP worker's sidecar running `filter`, in front of a new header echo.
+pub async fn worker_bootstrap(pki: &Pki, filter: Value) -> Value {
     let echo = upstream::start_header_echo().await;
-    let bootstrap = filter::sidecar(
+    filter::sidecar(
         "worker",
         gcp_node(),
         &pki.svid(WORKER),
         &pki.all(),
         filter,
         echo,
-    );
-    start(dir, "sidecar", &bootstrap).await
+    )
 }
 
 /// `bootstrap` with its listener trusting `ca`'s root as a plain PEM `trusted_ca`
@@ -145,15 +149,7 @@ pub async fn refused_configuration(
     name: &str,
     filter: Value,
 ) -> String {
-    let echo = upstream::start_header_echo().await;
-    let bootstrap = filter::sidecar(
-        "worker",
-        gcp_node(),
-        &pki.svid(WORKER),
-        &pki.all(),
-        filter,
-        echo,
-    );
+    let bootstrap = worker_bootstrap(pki, filter).await;
     let mut envoy = Envoy::start(name, dir.path(), &bootstrap).await;
     crate::wait::wait_until(
         "Envoy refuses the configuration",

@@ -258,16 +258,8 @@ async fn a_bare_trust_domain_is_not_a_caller() {
     let bare = pki.gcp.issue_with_uris(&["spiffe://gcp.company.com"], TTL);
     // Envoy's SPIFFE validator refuses such a leaf at the handshake; with a plain
     // PEM trust anchor it gets through TLS and the filter must refuse it.
-    let echo = upstream::start_header_echo().await;
     let http = with_pem_trust(
-        filter::sidecar(
-            "worker",
-            gcp_node(),
-            &pki.svid(WORKER),
-            &pki.all(),
-            shipped_sidecar_filter(),
-            echo,
-        ),
+        worker_bootstrap(&pki, shipped_sidecar_filter()).await,
         &pki.gcp,
     );
     let (_http, addr) = start(&dir, "pem-sidecar", &http).await;
