@@ -392,10 +392,10 @@ pub fn machine_facts() -> String {
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        // "…/envoy  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
         .and_then(|v| {
-            v.split_whitespace()
-                .find(|w| w.contains('/'))
-                .map(str::to_string)
+            let build = v.split("version:").nth(1)?.split_whitespace().next()?;
+            build.split('/').nth(1).map(str::to_string)
         })
         .unwrap_or_else(|| "?".into());
     format!("{cores} cores ({cpu}), {memory} memory, Envoy {envoy}")
