@@ -1,4 +1,6 @@
-//! The admin endpoint: `/healthz`, `/readyz` and Prometheus `/metrics`.
+//! The admin endpoint: `/healthz`, `/readyz`, Prometheus `/metrics`, and in
+//! node mode `/debug/workloads` (each attested workload and the identity it is
+//! served — SPIFFE IDs, serials and trust domains, never a key).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,17 +14,27 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::delegated::NodeIdentities;
 use crate::metrics::Metrics;
 use crate::snapshot::Published;
 
-#[derive(Clone)]
-struct AdminState {
-    snapshots: watch::Receiver<Arc<Published>>,
-    metrics: Arc<Metrics>,
+/// What the admin endpoint reads.
+#[derive(Clone, Debug)]
+pub struct AdminState {
+    /// The server's snapshot (node mode: the node's bundles).
+    pub snapshots: watch::Receiver<Arc<Published>>,
+    /// The server's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Node mode: the attested workloads.
+    pub node: Option<Arc<NodeIdentities>>,
 }
 
-/// Whether a valid X.509-SVID is held right now.
-pub fn is_ready(published: &Published) -> bool {
+/// Per pod: a valid X.509-SVID is held right now. Per node: the agent's
+/// bundles are held (each workload's SVID is its own affair).
+pub fn is_ready(node_mode: bool, published: &Published) -> bool {
+    if node_mode {
+        return !published.snapshot.bundles.is_empty();
+    }
     published
         .snapshot
         .default_svid()
@@ -30,17 +42,29 @@ pub fn is_ready(published: &Published) -> bool {
 }
 
 /// Serves the admin endpoint on `listener` until the task is dropped.
-pub async fn serve(
-    listener: TcpListener,
-    snapshots: watch::Receiver<Arc<Published>>,
-    metrics: Arc<Metrics>,
-) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, state: AdminState) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(AdminState { snapshots, metrics });
+        .route("/debug/workloads", get(workloads))
+        .with_state(state);
     axum::serve(listener, app).await
+}
+
+async fn workloads(State(state): State<AdminState>) -> impl IntoResponse {
+    match &state.node {
+        Some(node) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string_pretty(&node.report()).unwrap_or_default(),
+        ),
+        None => (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "not in node mode (--source delegated)\n".to_string(),
+        ),
+    }
 }
 
 /// Binds the admin address.
@@ -49,8 +73,14 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    if is_ready(&state.snapshots.borrow()) {
+    let node_mode = state.node.is_some();
+    if is_ready(node_mode, &state.snapshots.borrow()) {
         (StatusCode::OK, "ready\n")
+    } else if node_mode {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no trust bundles from the SPIRE agent's Delegated Identity API yet\n",
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::delegated::DelegatedConfig;
 use crate::render::{SecretNames, TrustFormat, TRUST_DOMAIN_PREFIX};
 use crate::source::SourceConfig;
 
@@ -43,12 +44,31 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where identities come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SourceKind {
+    /// Per pod or host: the Workload API, one identity for every client (VMs, non-Kubernetes hosts).
+    WorkloadApi,
+    /// Per node: each client's own identity, by its PID, from SPIRE's Delegated Identity API.
+    Delegated,
+}
+
 /// Flags of the SDS server.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// Where identities come from: `workload-api` (one identity, per pod or
+    /// host) or `delegated` (per node: each Envoy its own, via the SPIRE
+    /// agent's Delegated Identity API).
+    #[arg(long, value_enum, default_value = "workload-api")]
+    pub source: SourceKind,
+
     /// SPIFFE Workload API endpoint (the SPIRE agent socket): a path or `unix:` URI.
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
     pub workload_api_socket: Option<String>,
+
+    /// SPIRE agent admin socket (Delegated Identity API), for `--source delegated`.
+    #[arg(long, env = "SPIRE_ADMIN_ENDPOINT_SOCKET")]
+    pub admin_socket: Option<String>,
 
     /// Unix socket on which Envoy reaches this SDS server.
     #[arg(long, default_value = DEFAULT_SDS_SOCKET)]
@@ -105,11 +125,45 @@ pub struct ServeArgs {
     pub reconnect_max_ms: u64,
 }
 
+/// The identity source, validated.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The Workload API: one identity for every client.
+    WorkloadApi(SourceConfig),
+    /// The Delegated Identity API: each client its own identity.
+    Delegated(DelegatedConfig),
+}
+
+impl Source {
+    /// The endpoint, for logs.
+    pub fn endpoint(&self) -> &str {
+        match self {
+            Self::WorkloadApi(config) => &config.endpoint,
+            Self::Delegated(config) => &config.endpoint,
+        }
+    }
+}
+
+/// Checks an endpoint flag: an absolute path or a `unix:`/`tcp:` URI.
+fn endpoint_flag(flag: &'static str, value: Option<&String>, hint: &str) -> Result<String, ConfigError> {
+    let endpoint = value
+        .cloned()
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| invalid(flag, format!("not set; {hint}")))?;
+    if !(endpoint.starts_with('/') || endpoint.starts_with("unix:") || endpoint.starts_with("tcp:")) {
+        return Err(invalid(
+            flag,
+            format!("{endpoint:?} is neither an absolute path nor a unix:/tcp: URI"),
+        ));
+    }
+    Ok(endpoint)
+}
+
 /// Everything the server needs, validated.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// The Workload API connection.
-    pub source: SourceConfig,
+    /// Where identities come from.
+    pub source: Source,
     /// Path of the SDS socket.
     pub sds_socket: PathBuf,
     /// File mode of the SDS socket.
@@ -129,25 +183,6 @@ pub struct ServerConfig {
 impl ServeArgs {
     /// Validates the flags.
     pub fn validate(&self) -> Result<ServerConfig, ConfigError> {
-        let endpoint = self
-            .workload_api_socket
-            .clone()
-            .filter(|s| !s.trim().is_empty())
-            .ok_or_else(|| {
-                invalid(
-                    "--workload-api-socket",
-                    "not set (nor SPIFFE_ENDPOINT_SOCKET); point it at the SPIRE agent socket",
-                )
-            })?;
-        if !(endpoint.starts_with('/')
-            || endpoint.starts_with("unix:")
-            || endpoint.starts_with("tcp:"))
-        {
-            return Err(invalid(
-                "--workload-api-socket",
-                format!("{endpoint:?} is neither an absolute path nor a unix:/tcp: URI"),
-            ));
-        }
         let socket_mode = u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
             .ok()
             .filter(|m| *m <= 0o777)
@@ -221,13 +256,31 @@ impl ServeArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             ..crate::listener::Limits::default()
         };
-        Ok(ServerConfig {
-            source: SourceConfig {
-                endpoint,
-                min_backoff: Duration::from_millis(self.reconnect_min_ms),
-                max_backoff: Duration::from_millis(self.reconnect_max_ms),
+        let min_backoff = Duration::from_millis(self.reconnect_min_ms);
+        let max_backoff = Duration::from_millis(self.reconnect_max_ms);
+        let source = match self.source {
+            SourceKind::WorkloadApi => Source::WorkloadApi(SourceConfig {
+                endpoint: endpoint_flag(
+                    "--workload-api-socket",
+                    self.workload_api_socket.as_ref(),
+                    "(nor SPIFFE_ENDPOINT_SOCKET); point it at the SPIRE agent socket",
+                )?,
+                min_backoff,
+                max_backoff,
                 first_context_timeout: crate::source::FIRST_CONTEXT_TIMEOUT,
-            },
+            }),
+            SourceKind::Delegated => Source::Delegated(DelegatedConfig {
+                endpoint: endpoint_flag(
+                    "--admin-socket",
+                    self.admin_socket.as_ref(),
+                    "(nor SPIRE_ADMIN_ENDPOINT_SOCKET); point it at the SPIRE agent's admin_socket_path",
+                )?,
+                min_backoff,
+                max_backoff,
+            }),
+        };
+        Ok(ServerConfig {
+            source,
             sds_socket: self.sds_socket.clone(),
             socket_mode,
             allowed_uids,
@@ -252,7 +305,7 @@ mod tests {
 
     fn parse(extra: &[&str]) -> Result<ServerConfig, ConfigError> {
         let mut argv = vec!["t"];
-        if !extra.contains(&"--workload-api-socket") {
+        if !extra.contains(&"--workload-api-socket") && !extra.contains(&"delegated") {
             argv.extend(["--workload-api-socket", "/run/agent.sock"]);
         }
         argv.extend_from_slice(extra);
@@ -276,6 +329,16 @@ mod tests {
     }
 
     #[test]
+    fn node_mode_reads_the_admin_socket() {
+        let config = parse(&["--source", "delegated", "--admin-socket", "/run/spire/admin.sock"])
+            .expect("valid");
+        match config.source {
+            Source::Delegated(delegated) => assert_eq!(delegated.endpoint, "/run/spire/admin.sock"),
+            other => panic!("expected the delegated source, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn bad_values_name_their_flag() {
         for (args, flag) in [
             (&["--socket-mode", "999"][..], "--socket-mode"),
@@ -292,6 +355,11 @@ mod tests {
             (
                 &["--workload-api-socket", "relative.sock"][..],
                 "--workload-api-socket",
+            ),
+            (&["--source", "delegated"][..], "--admin-socket"),
+            (
+                &["--source", "delegated", "--admin-socket", "admin.sock"][..],
+                "--admin-socket",
             ),
         ] {
             let err = parse(args).expect_err("invalid");

@@ -1,18 +1,25 @@
 //! trustweave-sds: an Envoy SDS v3 server that streams X.509-SVIDs and
-//! federated trust bundles from the SPIFFE Workload API (the SPIRE agent).
+//! federated trust bundles from SPIRE.
 //!
-//! Data flows one way: [`source`] (Workload API; the only writer) →
-//! [`snapshot`] (validated, last good kept, rendered once by [`render`]) → a
-//! `watch` channel → per-stream state machines in [`sds`] → Envoy. [`listener`]
-//! bounds who may connect, how many and for how long.
+//! Data flows one way: an identity source (the only writer of its snapshots)
+//! → [`snapshot`] (validated, last good kept, rendered once by [`render`]) →
+//! a `watch` channel → per-stream state machines in [`sds`] → Envoy. Two
+//! sources, one design ([`identities`]): per pod or host, [`source`] reads the
+//! Workload API and every client gets that identity; per node, [`delegated`]
+//! attests each client's process ([`peer`]) through SPIRE's Delegated Identity
+//! API and each gets its own. [`listener`] bounds who may connect, how many
+//! and for how long.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
+pub mod delegated;
+pub mod identities;
 pub mod inspect;
 pub mod listener;
 pub mod metrics;
+pub mod peer;
 pub mod render;
 pub mod sds;
 pub mod snapshot;
@@ -28,6 +35,9 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 pub use config::ServerConfig;
+use config::Source;
+use delegated::NodeIdentities;
+use identities::Identities;
 use metrics::Metrics;
 use snapshot::{IdentitySnapshot, Published};
 
@@ -51,6 +61,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct RunningServer {
     snapshots: watch::Receiver<Arc<Published>>,
+    node: Option<Arc<NodeIdentities>>,
     metrics: Arc<Metrics>,
     admin_addr: Option<SocketAddr>,
     sds_socket: PathBuf,
@@ -69,9 +80,15 @@ impl RunningServer {
         self.admin_addr
     }
 
-    /// A receiver of published snapshots (for tests and tools).
+    /// A receiver of published snapshots (for tests and tools); in node mode
+    /// the node's bundles only (each workload has its own).
     pub fn snapshots(&self) -> watch::Receiver<Arc<Published>> {
         self.snapshots.clone()
+    }
+
+    /// Node mode: every attested workload and what it is served.
+    pub fn workloads(&self) -> Vec<delegated::WorkloadReport> {
+        self.node.as_ref().map(|n| n.report()).unwrap_or_default()
     }
 
     /// The server's metrics.
@@ -79,9 +96,9 @@ impl RunningServer {
         Arc::clone(&self.metrics)
     }
 
-    /// Whether a valid X.509-SVID is held.
+    /// Per pod: whether a valid X.509-SVID is held; per node: whether the agent's bundles are.
     pub fn is_ready(&self) -> bool {
-        admin::is_ready(&self.snapshots.borrow())
+        admin::is_ready(self.node.is_some(), &self.snapshots.borrow())
     }
 
     /// Stops the source, ends every SDS stream, and removes the socket file;
@@ -132,12 +149,35 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     };
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
 
-    let owner = source::IdentityOwner::new(tx, config.names.clone(), Arc::clone(&metrics));
-    let mut background = vec![tokio::spawn(source::run(config.source.clone(), owner))];
+    let (identities, node, source_task) = match config.source.clone() {
+        Source::WorkloadApi(source_config) => {
+            let owner = source::IdentityOwner::new(tx, config.names.clone(), Arc::clone(&metrics));
+            let task = tokio::spawn(source::run(source_config, owner));
+            (Identities::Shared(snapshots.clone()), None, task)
+        }
+        Source::Delegated(delegated_config) => {
+            let (node, task) = NodeIdentities::start(
+                delegated_config,
+                config.names.clone(),
+                Arc::clone(&metrics),
+                tx,
+            );
+            (
+                Identities::per_workload(Arc::clone(&node), &config.names),
+                Some(node),
+                task,
+            )
+        }
+    };
+    let mut background = vec![source_task];
     if let Some(admin) = admin {
-        let (snapshots, metrics) = (snapshots.clone(), Arc::clone(&metrics));
+        let state = admin::AdminState {
+            snapshots: snapshots.clone(),
+            metrics: Arc::clone(&metrics),
+            node: node.clone(),
+        };
         background.push(tokio::spawn(async move {
-            if let Err(error) = admin::serve(admin, snapshots, metrics).await {
+            if let Err(error) = admin::serve(admin, state).await {
                 error!(%error, "admin endpoint failed");
             }
         }));
@@ -145,7 +185,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
 
     let (stop_streams, streams_stop) = watch::channel(false);
     let service = sds::SdsService::new(
-        snapshots.clone(),
+        identities,
         config.names.clone(),
         config.trust_format,
         Arc::clone(&metrics),
@@ -157,6 +197,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         config.allowed_uids.clone(),
         limits.clone(),
         Arc::clone(&metrics),
+        node.is_some(),
     );
     let (stop_grpc, stopped) = oneshot::channel::<()>();
     let grpc = tokio::spawn(async move {
@@ -175,12 +216,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     });
     info!(
         sds_socket = %config.sds_socket.display(),
-        workload_api = %config.source.endpoint,
+        source = %config.source.endpoint(),
+        node_mode = node.is_some(),
         admin = ?admin_addr,
         "trustweave-sds started"
     );
     Ok(RunningServer {
         snapshots,
+        node,
         metrics,
         admin_addr,
         sds_socket: config.sds_socket,

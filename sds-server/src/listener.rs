@@ -32,6 +32,7 @@ use tokio::time::{Instant, Sleep};
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
+use crate::peer::Peer;
 
 /// Errors raised while preparing the SDS socket.
 #[derive(Debug, thiserror::Error)]
@@ -150,10 +151,11 @@ fn bind_error(path: &Path, source: io::Error) -> ListenerError {
     }
 }
 
-/// One accepted SDS connection: the stream, its slot under the connection cap,
-/// and its idle deadline.
+/// One accepted SDS connection: the stream, who is at the other end, its slot
+/// under the connection cap, and its idle deadline.
 pub struct Connection {
     stream: UnixStream,
+    peer: Peer,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
     _slot: Slot,
@@ -171,9 +173,12 @@ impl Drop for Slot {
     }
 }
 
+/// Every request of the connection carries its [`Peer`] in its extensions.
 impl tonic::transport::server::Connected for Connection {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = Peer;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.peer.clone()
+    }
 }
 
 impl AsyncRead for Connection {
@@ -226,6 +231,7 @@ struct Acceptor {
     limits: Limits,
     slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    pin_peer_process: bool,
     failing: bool,
     backoff: Duration,
 }
@@ -256,9 +262,9 @@ impl Acceptor {
                     continue;
                 }
             };
-            if !self.peer_allowed(&stream) {
+            let Some(uid) = self.peer_allowed(&stream) else {
                 continue;
-            }
+            };
             let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
                 self.metrics.refuse("connections");
                 warn!(
@@ -268,8 +274,14 @@ impl Acceptor {
                 continue;
             };
             self.metrics.connections_open.inc();
+            let peer = if self.pin_peer_process {
+                Peer::of(&stream, uid)
+            } else {
+                Peer { uid, process: None }
+            };
             return Connection {
                 stream,
+                peer,
                 idle_timeout: self.limits.idle_timeout,
                 idle: Box::pin(tokio::time::sleep(self.limits.idle_timeout)),
                 _slot: Slot {
@@ -280,30 +292,33 @@ impl Acceptor {
         }
     }
 
-    fn peer_allowed(&self, stream: &UnixStream) -> bool {
+    /// The peer's UID when it may connect.
+    fn peer_allowed(&self, stream: &UnixStream) -> Option<u32> {
         match stream.peer_cred() {
-            Ok(cred) if self.allowed_uids.contains(&cred.uid()) => true,
+            Ok(cred) if self.allowed_uids.contains(&cred.uid()) => Some(cred.uid()),
             Ok(cred) => {
                 self.metrics.refuse("peer_uid");
                 warn!(uid = cred.uid(), pid = ?cred.pid(), "refused SDS client: UID not allowed");
-                false
+                None
             }
             Err(error) => {
                 self.metrics.refuse("peer_uid");
                 warn!(%error, "refused SDS client: peer credentials unavailable");
-                false
+                None
             }
         }
     }
 }
 
 /// Accepted connections from peers whose UID is in `allowed_uids`, at most
-/// `limits.max_connections` at once.
+/// `limits.max_connections` at once; with `pin_peer_process`, each carries a
+/// pidfd of its peer's process (node mode).
 pub fn incoming(
     listener: UnixListener,
     allowed_uids: Vec<u32>,
     limits: Limits,
     metrics: Arc<Metrics>,
+    pin_peer_process: bool,
 ) -> impl Stream<Item = io::Result<Connection>> {
     let acceptor = Acceptor {
         listener,
@@ -311,6 +326,7 @@ pub fn incoming(
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         limits,
         metrics,
+        pin_peer_process,
         failing: false,
         backoff: Duration::from_millis(5),
     };

@@ -58,6 +58,14 @@ pub struct Metrics {
     pub refused: Family<RefusalLabel, Counter>,
     /// Open SDS connections.
     pub connections_open: Gauge,
+    /// Node mode: workloads with an open Delegated Identity subscription.
+    pub workloads: Gauge,
+    /// Node mode: Delegated Identity subscriptions started.
+    pub workload_subscriptions: Counter,
+    /// Node mode: workloads served no SVID or whose subscription ended, by reason.
+    pub attestation_failures: Family<RefusalLabel, Counter>,
+    /// Node mode: 1 while the Delegated Identity API bundle stream is up, else 0.
+    pub delegated_api_connected: Gauge,
 }
 
 /// Metrics read off the published snapshot at each scrape (never mutated on scrape).
@@ -113,6 +121,10 @@ impl Metrics {
             workload_api_rejected: Family::default(),
             refused: Family::default(),
             connections_open: Gauge::default(),
+            workloads: Gauge::default(),
+            workload_subscriptions: Counter::default(),
+            attestation_failures: Family::default(),
+            delegated_api_connected: Gauge::default(),
             registry: Registry::with_prefix("trustweave_sds"),
         };
         let registry = &mut metrics.registry;
@@ -152,6 +164,26 @@ impl Metrics {
             "Open SDS connections",
             metrics.connections_open.clone(),
         );
+        registry.register(
+            "workloads",
+            "Workloads with an open Delegated Identity subscription (node mode)",
+            metrics.workloads.clone(),
+        );
+        registry.register(
+            "workload_subscriptions",
+            "Delegated Identity subscriptions started (node mode)",
+            metrics.workload_subscriptions.clone(),
+        );
+        registry.register(
+            "attestation_failures",
+            "Workloads served no SVID, or whose subscription failed or ended, by reason (node mode)",
+            metrics.attestation_failures.clone(),
+        );
+        registry.register(
+            "delegated_api_connected",
+            "Whether the Delegated Identity API bundle stream is up (node mode)",
+            metrics.delegated_api_connected.clone(),
+        );
         registry.register_collector(Box::new(SnapshotCollector(snapshots)));
         metrics
     }
@@ -164,6 +196,13 @@ impl Metrics {
     /// Counts one Workload API error or refused context.
     pub fn reject(&self, reason: &'static str) {
         self.workload_api_rejected
+            .get_or_create(&RefusalLabel { reason })
+            .inc();
+    }
+
+    /// Counts one attestation failure (node mode).
+    pub fn attestation_failed(&self, reason: &'static str) {
+        self.attestation_failures
             .get_or_create(&RefusalLabel { reason })
             .inc();
     }

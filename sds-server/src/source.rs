@@ -68,14 +68,14 @@ enum Link {
 
 /// Exponential backoff with full jitter between `min` and the current ceiling.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     ceiling: Duration,
 }
 
 impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         Self {
             min,
             max: max.max(min),
@@ -83,11 +83,11 @@ impl Backoff {
         }
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.ceiling = self.min;
     }
 
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let span = self.ceiling.saturating_sub(self.min);
         let jitter = span.mul_f64(fastrand::f64());
         self.ceiling = (self.ceiling * 2).min(self.max);
@@ -192,7 +192,7 @@ impl IdentityOwner {
     }
 
     /// Runs `future`, withdrawing SVIDs as they expire meanwhile.
-    async fn expiring_while<T>(&self, future: impl std::future::Future<Output = T>) -> T {
+    pub(crate) async fn expiring_while<T>(&self, future: impl std::future::Future<Output = T>) -> T {
         tokio::pin!(future);
         loop {
             tokio::select! {

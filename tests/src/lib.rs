@@ -1,9 +1,10 @@
-//! Support for Trustweave's end-to-end tests: a test PKI, a SPIFFE Workload API
-//! stand-in for the SPIRE agent, an in-process trustweave-sds with an SDS client
+//! Support for Trustweave's end-to-end tests: a test PKI, SPIRE agent stand-ins
+//! (the Workload API and the Delegated Identity API), an in-process trustweave-sds with an SDS client
 //! that plays Envoy, a launcher for real Envoy processes, the filter's Envoy
 //! configuration, upstreams, and an mTLS client.
 
 pub mod bench_filter;
+pub mod delegated_api;
 pub mod envoy;
 pub mod filter;
 pub mod filter_fixture;

@@ -16,7 +16,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Streaming;
-use trustweave_sds::config::ServerConfig;
+use trustweave_sds::config::{ServerConfig, Source};
+use trustweave_sds::delegated::DelegatedConfig;
 use trustweave_sds::inspect::{report_secret, SecretReport};
 use trustweave_sds::render::{SecretNames, TrustFormat, SECRET_TYPE_URL};
 use trustweave_sds::source::SourceConfig;
@@ -27,12 +28,12 @@ use crate::wait::wait_until;
 /// A server configuration for tests: admin on an ephemeral loopback port, fast reconnects.
 pub fn test_config(sds_socket: &Path, workload_api_endpoint: &str) -> ServerConfig {
     ServerConfig {
-        source: SourceConfig {
+        source: Source::WorkloadApi(SourceConfig {
             endpoint: workload_api_endpoint.to_string(),
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(500),
             first_context_timeout: Duration::from_secs(2),
-        },
+        }),
         sds_socket: sds_socket.to_path_buf(),
         socket_mode: 0o600,
         allowed_uids: trustweave_sds::listener::own_uid().into_iter().collect(),
@@ -43,7 +44,20 @@ pub fn test_config(sds_socket: &Path, workload_api_endpoint: &str) -> ServerConf
     }
 }
 
-/// Starts trustweave-sds and waits until it holds a valid SVID.
+/// A node-mode configuration for tests: the Delegated Identity API at `admin_endpoint`.
+pub fn node_config(sds_socket: &Path, admin_endpoint: &str) -> ServerConfig {
+    ServerConfig {
+        source: Source::Delegated(DelegatedConfig {
+            endpoint: admin_endpoint.to_string(),
+            min_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(500),
+        }),
+        ..test_config(sds_socket, admin_endpoint)
+    }
+}
+
+/// Starts trustweave-sds and waits until it is ready (per pod: holds a valid
+/// SVID; per node: holds the agent's bundles).
 pub async fn start_ready(config: ServerConfig) -> RunningServer {
     let server = trustweave_sds::start(config)
         .await

@@ -26,7 +26,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::identities::Identities;
 use crate::metrics::{Metrics, ProtocolLabel, RefusalLabel};
+use crate::peer::Peer;
 use crate::render::{Rendered, SecretNames, TrustFormat, SECRET_TYPE_URL};
 use crate::snapshot::Published;
 
@@ -152,7 +154,7 @@ pub struct SdsService {
 
 #[derive(Debug)]
 struct Shared {
-    snapshots: watch::Receiver<Arc<Published>>,
+    identities: Identities,
     names: SecretNames,
     default_format: TrustFormat,
     metrics: Arc<Metrics>,
@@ -163,9 +165,9 @@ struct Shared {
 }
 
 impl SdsService {
-    /// A service serving `names` from the snapshots published on `snapshots`.
+    /// A service serving `names` from `identities`.
     pub fn new(
-        snapshots: watch::Receiver<Arc<Published>>,
+        identities: Identities,
         names: SecretNames,
         default_format: TrustFormat,
         metrics: Arc<Metrics>,
@@ -173,7 +175,7 @@ impl SdsService {
     ) -> Self {
         Self {
             inner: Arc::new(Shared {
-                snapshots,
+                identities,
                 names,
                 default_format,
                 metrics,
@@ -403,6 +405,7 @@ impl Protocol for delta::DeltaStream {
 /// Runs one stream in its own task: requests and snapshot changes in, responses out.
 fn spawn_stream<P: Protocol>(
     shared: Arc<Shared>,
+    peer: Option<Peer>,
     mut inbound: Streaming<P::Request>,
 ) -> ResponseStream<P::Response> {
     let (tx, rx) = mpsc::channel(4);
@@ -411,7 +414,9 @@ fn spawn_stream<P: Protocol>(
     tokio::spawn(
         async move {
             let _open = OpenStream::new(Arc::clone(&shared.metrics), P::NAME);
-            let mut snapshots = shared.snapshots.clone();
+            // Held for the stream's life: in node mode, its workload's subscription.
+            let identity = shared.identities.for_peer(peer.as_ref(), &shared.metrics);
+            let mut snapshots = identity.snapshots.clone();
             let mut shutdown = shared.shutdown.clone();
             let mut state = P::new(shared.default_format);
             let mut node_seen = false;
@@ -491,8 +496,10 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let peer = request.extensions().get::<Peer>().cloned();
         Ok(Response::new(spawn_stream::<sotw::SotwStream>(
             Arc::clone(&self.inner),
+            peer,
             request.into_inner(),
         )))
     }
@@ -501,8 +508,10 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let peer = request.extensions().get::<Peer>().cloned();
         Ok(Response::new(spawn_stream::<delta::DeltaStream>(
             Arc::clone(&self.inner),
+            peer,
             request.into_inner(),
         )))
     }
@@ -512,6 +521,9 @@ impl SecretDiscoveryService for SdsService {
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let shared = &self.inner;
+        let identity = shared
+            .identities
+            .for_peer(request.extensions().get::<Peer>(), &shared.metrics);
         let request = request.into_inner();
         check_type_url(&request.type_url)?;
         if let Err((reason, message)) = check_names(&request.resource_names, &shared.names) {
@@ -519,7 +531,7 @@ impl SecretDiscoveryService for SdsService {
             return Err(Status::invalid_argument(message));
         }
         let format = shared.format_for(request.node.as_ref());
-        let published = Arc::clone(&shared.snapshots.borrow());
+        let published = Arc::clone(&identity.snapshots.borrow());
         let rendered = &published.rendered;
         let requested: Vec<String> = request
             .resource_names

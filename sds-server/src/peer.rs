@@ -1,0 +1,139 @@
+//! Who is at the other end of an SDS connection: the peer's process, taken at accept.
+//!
+//! The kernel records the peer's credentials when it connects (SO_PEERCRED).
+//! A PID alone is a name that can be reused once the process exits, so the
+//! server pins it with a *pidfd* (`pidfd_open`) right at accept. A pidfd always
+//! refers to one process: it becomes readable when that process exits, so the
+//! server can tell "still the same process" (not readable) from "gone, the PID
+//! may now be someone else's" (readable) — the rule SPIRE's Delegated Identity
+//! API leaves to its callers.
+//!
+//! The one window left is between the peer's `connect` and our `accept`: a
+//! peer that exits inside it, with its PID reused inside it too, would be
+//! mistaken for the new holder. SO_PEERPIDFD (Linux ≥ 6.5) closes it; `rustix`
+//! does not expose it yet and this crate forbids `unsafe`.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::process::{pidfd_open, Pid, PidfdFlags};
+use tokio::net::UnixStream;
+
+/// How often a pinned process is checked for exit.
+pub const EXIT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A handle on one process that stays bound to it (never to a later holder of its PID).
+#[derive(Debug)]
+pub struct ProcessHandle {
+    pid: u32,
+    pidfd: OwnedFd,
+}
+
+impl ProcessHandle {
+    /// The process at the other end of `stream`, as the kernel recorded it at connect.
+    pub fn of_peer(stream: &UnixStream) -> io::Result<Self> {
+        let cred = stream.peer_cred()?;
+        let pid = cred
+            .pid()
+            .and_then(|pid| u32::try_from(pid).ok())
+            .filter(|pid| *pid > 0)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the peer has no PID in this PID namespace",
+                )
+            })?;
+        Self::open(pid)
+    }
+
+    /// A handle on the process that has `pid` now.
+    pub fn open(pid: u32) -> io::Result<Self> {
+        let raw = i32::try_from(pid)
+            .ok()
+            .and_then(Pid::from_raw)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a PID"))?;
+        let pidfd = pidfd_open(raw, PidfdFlags::empty())?;
+        Ok(Self { pid, pidfd })
+    }
+
+    /// The process's PID.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the process has exited (its PID may then name another process).
+    pub fn has_exited(&self) -> bool {
+        let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match poll(&mut fds, Some(&zero)) {
+            Ok(0) => false,
+            Ok(_) => true,
+            // A handle that cannot be polled proves nothing: treat the process as gone.
+            Err(_) => true,
+        }
+    }
+
+    /// Resolves when the process exits (noticed within [`EXIT_CHECK_INTERVAL`]).
+    ///
+    /// Polled rather than registered with the reactor: tokio's `AsyncFd`
+    /// registration is `unsafe` and this crate forbids it. Most exits are
+    /// seen sooner anyway, as the kernel closes the process's SDS connections.
+    pub async fn exited(&self) {
+        while !self.has_exited() {
+            tokio::time::sleep(EXIT_CHECK_INTERVAL).await;
+        }
+    }
+}
+
+/// The peer of one accepted SDS connection, handed to every stream it opens.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The peer's UID (SO_PEERCRED).
+    pub uid: u32,
+    /// The peer's process, when it could be pinned.
+    pub process: Option<Arc<ProcessHandle>>,
+}
+
+impl Peer {
+    /// Reads the peer of `stream` at accept.
+    pub fn of(stream: &UnixStream, uid: u32) -> Self {
+        Self {
+            uid,
+            process: ProcessHandle::of_peer(stream).ok().map(Arc::new),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_handle_follows_its_process_not_its_pid() {
+        let mut child = tokio::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id().expect("pid");
+        let handle = ProcessHandle::open(pid).expect("pidfd");
+        assert_eq!(handle.pid(), pid);
+        assert!(!handle.has_exited());
+        child.kill().await.expect("kill");
+        handle.exited().await;
+        assert!(handle.has_exited());
+    }
+
+    #[tokio::test]
+    async fn the_peer_of_a_socket_is_the_connecting_process() {
+        let (a, _b) = UnixStream::pair().expect("pair");
+        let handle = ProcessHandle::of_peer(&a).expect("peer");
+        assert_eq!(handle.pid(), std::process::id());
+        assert!(!handle.has_exited());
+    }
+}
