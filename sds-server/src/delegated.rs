@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use spire_api::pb::spire::api::agent::delegatedidentity::v1::{
     delegated_identity_client::DelegatedIdentityClient, SubscribeToX509BundlesRequest,
     SubscribeToX509BundlesResponse, SubscribeToX509sviDsRequest, SubscribeToX509sviDsResponse,
@@ -351,7 +351,7 @@ impl Drop for WorkloadLease {
 }
 
 /// What the admin endpoint shows of one attested workload (never a key).
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WorkloadReport {
     /// The workload's PID.
     pub pid: u32,

@@ -1,8 +1,11 @@
 //! `trustweave-sds inspect`: what an SDS server gives Envoy, as an operator needs to see it.
 //!
-//! Connects as an SDS client (FetchSecrets), and prints per secret the SPIFFE
-//! IDs, serials and validity of certificates, and per trust domain the number
-//! of CAs and their SHA-256 fingerprints. Private keys are never read out.
+//! Per pod: connects as an SDS client (FetchSecrets), and prints per secret
+//! the SPIFFE IDs, serials and validity of certificates, and per trust domain
+//! the number of CAs and their SHA-256 fingerprints. Per node (`--workloads`):
+//! reads the admin endpoint's `/debug/workloads` and prints, per connected
+//! workload, the identity it is served — an SDS client would only be served
+//! its own. Private keys are never read out.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +28,14 @@ use crate::render::SECRET_TYPE_URL;
 /// Errors of the inspect command.
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
+    /// The admin endpoint could not be read.
+    #[error("cannot read http://{addr}/debug/workloads: {reason}")]
+    Admin {
+        /// The admin address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        reason: String,
+    },
     /// The SDS socket could not be reached.
     #[error("cannot connect to SDS socket {path}: {reason}")]
     Connect {
@@ -100,6 +111,65 @@ pub async fn inspect(socket: &Path, names: &[String]) -> Result<Vec<SecretReport
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// Largest `/debug/workloads` answer read (about 1,000 bytes per workload).
+const MAX_WORKLOADS_RESPONSE: u64 = 64 << 20;
+
+/// The workloads a node-mode server serves, read from its admin endpoint.
+pub async fn workloads(
+    admin: std::net::SocketAddr,
+) -> Result<Vec<crate::delegated::WorkloadReport>, InspectError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fail = |reason: String| InspectError::Admin {
+        addr: admin,
+        reason,
+    };
+    let mut stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    stream
+        .write_all(
+            format!("GET /debug/workloads HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let mut raw = Vec::new();
+    stream
+        .take(MAX_WORKLOADS_RESPONSE)
+        .read_to_end(&mut raw)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| fail("not an HTTP response".into()))?;
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        return Err(fail(format!("{status}: {}", body.trim())));
+    }
+    serde_json::from_str(body).map_err(|e| fail(format!("unexpected body: {e}")))
+}
+
+/// Workloads as text: one block per workload.
+pub fn workloads_to_text(workloads: &[crate::delegated::WorkloadReport]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if workloads.is_empty() {
+        out.push_str("no workload connected\n");
+    }
+    for w in workloads {
+        let _ = writeln!(out, "workload pid {} ({} SDS streams)", w.pid, w.streams);
+        match (&w.spiffe_id, &w.serial) {
+            (Some(id), Some(serial)) => {
+                let _ = writeln!(out, "  default: {id} serial {serial}");
+            }
+            _ => out.push_str("  default: none (not attested, or no registration entry)\n"),
+        }
+        let _ = writeln!(out, "  trusts:  {}", w.trust_domains.join(", "));
+    }
+    out
 }
 
 /// Connects a gRPC channel to a Unix socket.

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use trustweave_sds::config::{LogFormat, ServeArgs, DEFAULT_SDS_SOCKET};
 use trustweave_sds::inspect;
 
-/// Envoy SDS v3 server backed by the SPIFFE Workload API.
+/// Envoy SDS v3 server backed by SPIRE (the Workload API per pod, the Delegated Identity API per node).
 #[derive(Parser, Debug)]
 #[command(
     name = "trustweave-sds",
@@ -25,8 +25,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Connect to an SDS server as Envoy would and show what it serves (never the key).
+    /// Connect to an SDS server as Envoy would and show what it serves (never
+    /// the key); with `--workloads`, what a node-mode server serves each workload.
     Inspect {
+        /// Node mode: list every connected workload and its identity, read from
+        /// the admin endpoint's `/debug/workloads`.
+        #[arg(long)]
+        workloads: bool,
+        /// The admin endpoint, for `--workloads`.
+        #[arg(long, default_value = trustweave_sds::config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
         /// The SDS socket.
         #[arg(long, default_value = DEFAULT_SDS_SOCKET)]
         sds_socket: PathBuf,
@@ -44,9 +52,24 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Inspect {
+            workloads: true,
+            admin_addr,
+            json,
+            ..
+        }) => {
+            let workloads = inspect::workloads(admin_addr).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&workloads)?);
+            } else {
+                print!("{}", inspect::workloads_to_text(&workloads));
+            }
+            Ok(())
+        }
+        Some(Command::Inspect {
             sds_socket,
             names,
             json,
+            ..
         }) => {
             let names = if names.is_empty() {
                 vec!["default".to_string(), "ROOTCA".to_string()]
