@@ -145,12 +145,17 @@ impl Source {
 }
 
 /// Checks an endpoint flag: an absolute path or a `unix:`/`tcp:` URI.
-fn endpoint_flag(flag: &'static str, value: Option<&String>, hint: &str) -> Result<String, ConfigError> {
+fn endpoint_flag(
+    flag: &'static str,
+    value: Option<&String>,
+    hint: &str,
+) -> Result<String, ConfigError> {
     let endpoint = value
         .cloned()
         .filter(|s| !s.trim().is_empty())
         .ok_or_else(|| invalid(flag, format!("not set; {hint}")))?;
-    if !(endpoint.starts_with('/') || endpoint.starts_with("unix:") || endpoint.starts_with("tcp:")) {
+    if !(endpoint.starts_with('/') || endpoint.starts_with("unix:") || endpoint.starts_with("tcp:"))
+    {
         return Err(invalid(
             flag,
             format!("{endpoint:?} is neither an absolute path nor a unix:/tcp: URI"),
@@ -330,8 +335,13 @@ mod tests {
 
     #[test]
     fn node_mode_reads_the_admin_socket() {
-        let config = parse(&["--source", "delegated", "--admin-socket", "/run/spire/admin.sock"])
-            .expect("valid");
+        let config = parse(&[
+            "--source",
+            "delegated",
+            "--admin-socket",
+            "/run/spire/admin.sock",
+        ])
+        .expect("valid");
         match config.source {
             Source::Delegated(delegated) => assert_eq!(delegated.endpoint, "/run/spire/admin.sock"),
             other => panic!("expected the delegated source, got {other:?}"),

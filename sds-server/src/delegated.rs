@@ -45,7 +45,9 @@ use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificat
 use crate::metrics::Metrics;
 use crate::peer::ProcessHandle;
 use crate::render::SecretNames;
-use crate::snapshot::{IdentitySnapshot, PrivateKeyDer, Published, SnapshotError, Svid, TrustBundle};
+use crate::snapshot::{
+    IdentitySnapshot, PrivateKeyDer, Published, SnapshotError, Svid, TrustBundle,
+};
 use crate::source::{Backoff, IdentityOwner};
 
 /// Most trust domains one bundle update may carry.
@@ -156,10 +158,11 @@ pub fn split_certificates(
                 max,
             });
         }
-        let (rest, _) = X509Certificate::from_der(der).map_err(|e| AgentDataError::Certificate {
-            field,
-            reason: e.to_string(),
-        })?;
+        let (rest, _) =
+            X509Certificate::from_der(der).map_err(|e| AgentDataError::Certificate {
+                field,
+                reason: e.to_string(),
+            })?;
         certificates.push(der[..der.len() - rest.len()].to_vec());
         der = rest;
     }
@@ -167,7 +170,9 @@ pub fn split_certificates(
 }
 
 /// Parses one `SubscribeToX509Bundles` update.
-pub fn parse_bundles(response: &SubscribeToX509BundlesResponse) -> Result<BundleSet, AgentDataError> {
+pub fn parse_bundles(
+    response: &SubscribeToX509BundlesResponse,
+) -> Result<BundleSet, AgentDataError> {
     if response.ca_certificates.len() > MAX_TRUST_DOMAINS {
         return Err(AgentDataError::TooMany {
             field: "ca_certificates",
@@ -182,7 +187,10 @@ pub fn parse_bundles(response: &SubscribeToX509BundlesResponse) -> Result<Bundle
         if roots_der.is_empty() {
             continue;
         }
-        if bundles.insert(td.clone(), TrustBundle { roots_der }).is_some() {
+        if bundles
+            .insert(td.clone(), TrustBundle { roots_der })
+            .is_some()
+        {
             return Err(AgentDataError::TrustDomain {
                 field: "ca_certificates",
                 value: format!("{td} (twice)"),
@@ -216,7 +224,10 @@ fn leaf_spiffe_id(der: &[u8]) -> Result<String, String> {
     }
     match ids.as_slice() {
         [one] if one.starts_with("spiffe://") => Ok(one.clone()),
-        _ => Err(format!("{} URI SANs; an X.509-SVID has exactly one SPIFFE ID", ids.len())),
+        _ => Err(format!(
+            "{} URI SANs; an X.509-SVID has exactly one SPIFFE ID",
+            ids.len()
+        )),
     }
 }
 
@@ -252,10 +263,11 @@ pub fn parse_workload_update(
             field: "x509_svids.x509_svid.cert_chain",
             reason: "empty".into(),
         })?;
-        let in_certificate = leaf_spiffe_id(leaf).map_err(|reason| AgentDataError::Certificate {
-            field: "x509_svids.x509_svid.cert_chain",
-            reason,
-        })?;
+        let in_certificate =
+            leaf_spiffe_id(leaf).map_err(|reason| AgentDataError::Certificate {
+                field: "x509_svids.x509_svid.cert_chain",
+                reason,
+            })?;
         let claimed = svid
             .id
             .as_ref()
@@ -505,7 +517,10 @@ async fn run_bundles(
                     Ok(Some(response)) => match parse_bundles(&response) {
                         Ok(bundles) => {
                             if down_logged || node.metrics.delegated_api_connected.get() == 0 {
-                                info!(trust_domains = bundles.len(), "SPIRE Delegated Identity API: bundles received");
+                                info!(
+                                    trust_domains = bundles.len(),
+                                    "SPIRE Delegated Identity API: bundles received"
+                                );
                                 down_logged = false;
                             }
                             node.metrics.delegated_api_connected.set(1);
@@ -563,7 +578,11 @@ async fn subscribe_bundles(
 }
 
 /// One workload's subscription, retried until its process exits or its last stream closes.
-async fn run_workload(node: Arc<NodeIdentities>, process: Arc<ProcessHandle>, owner: IdentityOwner) {
+async fn run_workload(
+    node: Arc<NodeIdentities>,
+    process: Arc<ProcessHandle>,
+    owner: IdentityOwner,
+) {
     let mut backoff = Backoff::new(node.config.min_backoff, node.config.max_backoff);
     let mut latest: Option<WorkloadUpdate> = None;
     let mut told_unattested = false;
@@ -704,7 +723,14 @@ mod tests {
             trust_domain_name("f", "gcp.company.com").expect("bare"),
             "gcp.company.com"
         );
-        for bad in ["", "spiffe://", "spiffe://A.com", "spiffe://a.com/path", "a b", "a\u{ff}"] {
+        for bad in [
+            "",
+            "spiffe://",
+            "spiffe://A.com",
+            "spiffe://a.com/path",
+            "a b",
+            "a\u{ff}",
+        ] {
             let error = trust_domain_name("federates_with", bad).expect_err(bad);
             assert!(error.to_string().starts_with("federates_with"), "{error}");
         }

@@ -46,10 +46,8 @@ pub struct StreamIdentity {
 impl Identities {
     /// Node mode over `node`.
     pub fn per_workload(node: Arc<NodeIdentities>, names: &SecretNames) -> Self {
-        let (nothing, _) = watch::channel(Arc::new(Published::now(
-            IdentitySnapshot::default(),
-            names,
-        )));
+        let (nothing, _) =
+            watch::channel(Arc::new(Published::now(IdentitySnapshot::default(), names)));
         Self::PerWorkload { node, nothing }
     }
 

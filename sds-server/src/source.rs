@@ -192,7 +192,10 @@ impl IdentityOwner {
     }
 
     /// Runs `future`, withdrawing SVIDs as they expire meanwhile.
-    pub(crate) async fn expiring_while<T>(&self, future: impl std::future::Future<Output = T>) -> T {
+    pub(crate) async fn expiring_while<T>(
+        &self,
+        future: impl std::future::Future<Output = T>,
+    ) -> T {
         tokio::pin!(future);
         loop {
             tokio::select! {

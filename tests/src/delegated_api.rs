@@ -100,10 +100,7 @@ impl AgentState {
 }
 
 fn svid_with_key(svid: &IssuedSvid) -> X509svidWithKey {
-    let rest = svid
-        .spiffe_id
-        .strip_prefix("spiffe://")
-        .expect("SPIFFE ID");
+    let rest = svid.spiffe_id.strip_prefix("spiffe://").expect("SPIFFE ID");
     let (trust_domain, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let chain = std::iter::once(&svid.leaf_der)
         .chain(&svid.intermediates_der)
@@ -392,14 +389,18 @@ impl ServerStreamingService<SubscribeToX509BundlesRequest> for SubscribeBundles 
             service.state.borrow().authorize(caller)?;
             // As SPIRE: keys are overwritten, never removed, while the stream lives.
             let mut sent: HashMap<String, bytes::Bytes> = HashMap::new();
-            Ok(Response::new(service.watch_stream(caller, None, move |state| {
-                for (td, roots) in &state.bundles {
-                    sent.insert(format!("spiffe://{td}"), bytes::Bytes::from(roots.concat()));
-                }
-                SubscribeToX509BundlesResponse {
-                    ca_certificates: sent.clone(),
-                }
-            })))
+            Ok(Response::new(service.watch_stream(
+                caller,
+                None,
+                move |state| {
+                    for (td, roots) in &state.bundles {
+                        sent.insert(format!("spiffe://{td}"), bytes::Bytes::from(roots.concat()));
+                    }
+                    SubscribeToX509BundlesResponse {
+                        ca_certificates: sent.clone(),
+                    }
+                },
+            )))
         })
     }
 }

@@ -68,7 +68,8 @@ async fn node() -> Node {
     server.wait_live().await;
     let upstream = server.listener(envoy::MTLS_LISTENER).await;
     let client = |name: &'static str| {
-        let bootstrap = envoy::client_bootstrap(name, &socket, upstream, "spiffe://aws.company.com/");
+        let bootstrap =
+            envoy::client_bootstrap(name, &socket, upstream, "spiffe://aws.company.com/");
         let dir = dir.path().to_path_buf();
         async move { Envoy::start(name, &dir, &bootstrap).await }
     };
@@ -160,11 +161,15 @@ async fn each_envoy_on_one_node_socket_holds_its_own_svid() {
     let mut serials = Vec::new();
     for (envoy, id) in expected {
         let mut serial = None;
-        wait_until("the workload's SVID served", Duration::from_secs(10), || {
-            serial = served_serial(&n.sds, pid(envoy));
-            let found = serial.is_some();
-            async move { found }
-        })
+        wait_until(
+            "the workload's SVID served",
+            Duration::from_secs(10),
+            || {
+                serial = served_serial(&n.sds, pid(envoy));
+                let found = serial.is_some();
+                async move { found }
+            },
+        )
         .await;
         let serial = serial.expect("serial");
         wait_for_serial(envoy, &serial).await;
@@ -177,7 +182,11 @@ async fn each_envoy_on_one_node_socket_holds_its_own_svid() {
     for (i, (envoy, _)) in expected.iter().enumerate() {
         let held = envoy.cert_serials().await;
         for (j, serial) in serials.iter().enumerate() {
-            assert_eq!(held.contains(serial), i == j, "Envoy {i} and SVID {j}: {held:?}");
+            assert_eq!(
+                held.contains(serial),
+                i == j,
+                "Envoy {i} and SVID {j}: {held:?}"
+            );
         }
     }
 
@@ -198,9 +207,15 @@ async fn each_envoy_on_one_node_socket_holds_its_own_svid() {
             .map(|w| w.trust_domains)
             .unwrap_or_default()
     };
-    assert_eq!(trusts(pid(&n.server)), ["aws.company.com", "gcp.company.com"]);
+    assert_eq!(
+        trusts(pid(&n.server)),
+        ["aws.company.com", "gcp.company.com"]
+    );
     assert_eq!(trusts(pid(&n.same_td)), ["aws.company.com"]);
-    assert_eq!(trusts(pid(&n.cross_td)), ["aws.company.com", "gcp.company.com"]);
+    assert_eq!(
+        trusts(pid(&n.cross_td)),
+        ["aws.company.com", "gcp.company.com"]
+    );
 }
 
 /// Envoy's readiness: `LIVE` only once every listener and cluster has its secrets.
@@ -212,15 +227,19 @@ async fn is_live(envoy: &Envoy) -> bool {
 async fn an_unregistered_envoy_gets_no_certificate_and_no_handshake() {
     let n = node().await;
     let unregistered = pid(&n.unregistered);
-    wait_until("the unregistered Envoy connected", Duration::from_secs(10), || async {
-        n.sds.workloads().iter().any(|w| w.pid == unregistered)
-    })
+    wait_until(
+        "the unregistered Envoy connected",
+        Duration::from_secs(10),
+        || async { n.sds.workloads().iter().any(|w| w.pid == unregistered) },
+    )
     .await;
     // Counted (the others may have been too, for the moment between their
     // start and their registration).
-    wait_until("unattested PID counted", Duration::from_secs(10), || async {
-        attestation_failures(&n.sds, "no_identity") >= 1
-    })
+    wait_until(
+        "unattested PID counted",
+        Duration::from_secs(10),
+        || async { attestation_failures(&n.sds, "no_identity") >= 1 },
+    )
     .await;
     let listed = n.sds.workloads();
     let entry = listed
@@ -288,10 +307,8 @@ async fn rotation_reaches_only_its_workload_and_a_bundle_change_reaches_every_en
     assert_eq!(call(&n.same_td).await.status, 200);
 
     // GCP's CA rotates: the agent's bundle holds old and new roots.
-    let before: Vec<String> = futures::future::join_all(
-        [&n.server, &n.same_td, &n.cross_td].map(rootca_version),
-    )
-    .await;
+    let before: Vec<String> =
+        futures::future::join_all([&n.server, &n.same_td, &n.cross_td].map(rootca_version)).await;
     let new_gcp = Arc::new(TrustDomainCa::new("gcp.company.com"));
     let new_root = new_gcp.root_der().to_vec();
     n.agent.update(|state| {
@@ -308,7 +325,11 @@ async fn rotation_reaches_only_its_workload_and_a_bundle_change_reaches_every_en
         })
         .await;
     }
-    assert_eq!(rootca_version(&n.same_td).await, before[1], "same_td does not trust gcp");
+    assert_eq!(
+        rootca_version(&n.same_td).await,
+        before[1],
+        "same_td does not trust gcp"
+    );
     // A gcp SVID from the new CA is accepted by the aws server.
     let reissued = n
         .agent
@@ -399,11 +420,61 @@ async fn inspect_lists_each_workload_and_the_identity_it_is_served() {
             text.contains(&format!("workload pid {}", pid(envoy))),
             "{text}"
         );
-        assert!(text.contains(&format!("default: {id} serial {serial}")), "{text}");
+        assert!(
+            text.contains(&format!("default: {id} serial {serial}")),
+            "{text}"
+        );
     }
     assert!(
         text.contains(&format!("workload pid {}", pid(&n.unregistered))),
         "{text}"
     );
     assert!(!text.contains("PRIVATE KEY"));
+}
+
+#[tokio::test]
+async fn a_delegate_the_agent_does_not_authorize_serves_no_identity() {
+    let dir = sds::socket_dir();
+    let aws = Arc::new(TrustDomainCa::new("aws.company.com"));
+    // The agent attests this process as a workload that is not in `authorized_delegates`.
+    let agent = DelegatedApiStandIn::start(
+        sds::path_in(&dir, "admin.sock"),
+        std::process::id(),
+        SDS_ID,
+        &[&aws],
+        Duration::from_secs(3600),
+    )
+    .await;
+    agent.update(|state| {
+        state.authorized_delegates.clear();
+        state
+            .authorized_delegates
+            .insert("spiffe://aws.company.com/ns/spire/sa/someone-else".into());
+    });
+    agent.register(std::process::id(), &aws, SAME_TD_ID, &[]);
+    let socket = sds::path_in(&dir, "socket");
+    let server = trustweave_sds::start(sds::node_config(&socket, &agent.endpoint()))
+        .await
+        .expect("start");
+    // This test process is the SDS client (and registered): still nothing is served.
+    let client = sds::SotwClient::open(&socket).await;
+    client.request(&["default"], None).await;
+    wait_until("refusal counted", Duration::from_secs(10), || async {
+        attestation_failures(&server, "permission_denied") >= 1
+    })
+    .await;
+    assert!(!server.is_ready(), "no bundles without authorization");
+    let me = server
+        .workloads()
+        .into_iter()
+        .find(|w| w.pid == std::process::id())
+        .expect("this process is listed");
+    assert_eq!(me.spiffe_id, None);
+    assert_eq!(
+        sotw_pushes(&server),
+        0,
+        "nothing was ever sent on the stream"
+    );
+    drop(client);
+    server.shutdown().await;
 }
