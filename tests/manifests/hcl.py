@@ -43,7 +43,8 @@ HTTPS_SPIFFE_KEYS = {"endpoint_spiffe_id"}
 AGENT_KEYS = {
     "data_dir", "log_level", "log_format", "server_address", "server_port", "socket_path",
     "trust_bundle_path", "trust_bundle_url", "trust_bundle_format", "trust_domain",
-    "insecure_bootstrap", "join_token", "admin_socket_path", "sds", "retry_bootstrap",
+    "insecure_bootstrap", "join_token", "admin_socket_path", "authorized_delegates", "sds",
+    "retry_bootstrap",
 }
 HEALTH_KEYS = {"listener_enabled", "bind_address", "bind_port", "live_path", "ready_path"}
 TOP_LEVEL_SERVER = {"server", "plugins", "health_checks", "telemetry"}

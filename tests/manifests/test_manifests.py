@@ -109,7 +109,7 @@ def cloud_facts(cloud, rendered):
         "agent_cluster": agent["plugins"][0]["NodeAttestor"][0]["k8s_psat"]["plugin_data"][0]["cluster"],
         "manager": manager,
         "cftds": [d["spec"] for d in docs if d["kind"] == "ClusterFederatedTrustDomain"],
-        "spiffeid": next(d["spec"] for d in docs if d["kind"] == "ClusterSPIFFEID"),
+        "spiffeid": next(d["spec"] for d in docs if d["kind"] == "ClusterSPIFFEID" and d["metadata"]["name"] == "istio-workloads"),
         "lb_port": next(
             p["port"] for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "spire-bundle-endpoint" for p in d["spec"]["ports"]
         ),
@@ -205,34 +205,109 @@ def sds_defaults():
     return defaults
 
 
+def flag_args(container):
+    """`--flag=value` arguments of a container, as a dict."""
+    return dict(a.lstrip("-").split("=", 1) for a in container["args"] if a.startswith("--") and "=" in a)
+
+
+def dash_args(container):
+    """`-flag value` argument pairs (the SPIFFE CSI driver's style), as a dict."""
+    args = container["args"]
+    return {args[i].lstrip("-"): args[i + 1] for i in range(0, len(args) - 1, 2)}
+
+
+def host_path_of(pod_spec, container, path):
+    """The host directory behind `path` in `container`, through its hostPath volume."""
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    for mount in container["volumeMounts"]:
+        root = mount["mountPath"].rstrip("/")
+        if path == root or path.startswith(root + "/"):
+            return volumes[mount["name"]]["hostPath"]["path"] + path[len(root):]
+    raise AssertionError(f"{path} is not mounted in {container['name']}")
+
+
+def daemonset(docs, name):
+    return next(d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"] == name)
+
+
 @pytest.mark.parametrize("cloud", CLOUDS)
-def test_injection_template_runs_trustweave_sds_as_istio_expects(cloud):
+def test_node_sds_socket_reaches_every_pod_before_it_starts(cloud, rendered):
+    """Node mode as Istio's SPIRE integration wires it: trustweave-sds's socket in
+    a host directory, mounted by a CSI driver into pods where istio-proxy checks."""
+    docs = rendered[cloud]
     values = yaml.safe_load((ISTIO / "values" / f"istiod-{cloud}.yaml").read_text())
     template = yaml.safe_load(values["sidecarInjectorWebhook"]["templates"]["trustweave"])
-    (sds,) = [c for c in template["spec"]["initContainers"] if c["name"] == "trustweave-sds"]
-    args = dict(a.lstrip("-").split("=", 1) for a in sds["args"])
     defaults = sds_defaults()
-    # The socket istio-proxy checks for is the server's default; the names Istio asks for are not renamed.
-    assert args["sds-socket"] == defaults["sds-socket"] == "/var/run/secrets/workload-spiffe-uds/socket"
-    assert "default-svid-name" not in args and defaults["default-svid-name"] == "default"
-    assert "default-bundle-name" not in args and defaults["default-bundle-name"] == "ROOTCA"
-    mounts = {m["name"]: m["mountPath"] for m in sds["volumeMounts"]}
-    assert mounts["workload-socket"] == str(pathlib.PurePosixPath(args["sds-socket"]).parent)
-    assert args["workload-api-socket"] == f"unix://{mounts['spire-agent-socket']}/socket"
-    # Native sidecar, ready before istio-proxy; hardened.
-    assert sds["restartPolicy"] == "Always" and sds["startupProbe"]["httpGet"]["path"] == "/readyz"
+    pod_dir = str(pathlib.PurePosixPath(defaults["sds-socket"]).parent)
+    assert defaults["sds-socket"] == "/var/run/secrets/workload-spiffe-uds/socket"
+    # Nothing runs in the pod but istio-proxy: no sidecar whose probes Istio rewrites.
+    assert "initContainers" not in template["spec"]
+    (proxy,) = template["spec"]["containers"]
+    assert proxy["name"] == "istio-proxy"
+    assert {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]} == {"workload-socket": pod_dir}
+    (volume,) = template["spec"]["volumes"]
+    assert volume["name"] == "workload-socket" and volume["csi"]["readOnly"] is True
+    driver_name = volume["csi"]["driver"]
+
+    # The CSI driver of that name mounts the host directory trustweave-sds binds in.
+    assert any(d["kind"] == "CSIDriver" and d["metadata"]["name"] == driver_name for d in docs)
+    (csi_ds,) = [
+        d for d in docs
+        if d["kind"] == "DaemonSet"
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "spiffe-csi-driver" and dash_args(c)["plugin-name"] == driver_name
+    ]
+    csi_spec = csi_ds["spec"]["template"]["spec"]
+    csi = next(c for c in csi_spec["containers"] if c["name"] == "spiffe-csi-driver")
+    served_dir = host_path_of(csi_spec, csi, dash_args(csi)["workload-api-socket-dir"])
+
+    sds_ds = daemonset(docs, "trustweave-sds")
+    sds_spec = sds_ds["spec"]["template"]["spec"]
+    (sds,) = sds_spec["containers"]
+    args = flag_args(sds)
+    assert args["source"] == "delegated" and sds_spec["hostPID"] is True
+    socket = pathlib.PurePosixPath(args["sds-socket"])
+    assert socket.name == pathlib.PurePosixPath(defaults["sds-socket"]).name == "socket"
+    assert host_path_of(sds_spec, sds, str(socket.parent)) == served_dir
+    # istio-proxy's UID reaches the 0600 socket.
+    assert args["allowed-uids"] == "1337" and sds["securityContext"]["runAsUser"] == 1337
     sc = sds["securityContext"]
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]
-    assert sc["runAsUser"] == 1337 and args["allowed-uids"] == "1337", "istio-proxy's UID reaches the 0600 socket"
     assert {"requests", "limits"} <= set(sds["resources"])
-    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
-    assert volumes["spire-agent-socket"]["csi"]["driver"] == "csi.spiffe.io"
+    assert sds["startupProbe"]["httpGet"]["path"] == "/readyz"
+
+    # The agent's admin socket is the one trustweave-sds dials, outside the
+    # Workload API socket's directory (which pods see), and names it a delegate.
+    _, agent_conf = spire_configs(cloud)
+    agent = hcl.block(agent_conf, "agent")
+    admin_path = args["admin-socket"].removeprefix("unix://")
+    agent_ds = daemonset(docs, "spire-agent")
+    agent_spec = agent_ds["spec"]["template"]["spec"]
+    (agent_container,) = agent_spec["containers"]
+    assert host_path_of(sds_spec, sds, admin_path) == host_path_of(agent_spec, agent_container, agent["admin_socket_path"])
+    workload_dir = str(pathlib.PurePosixPath(agent["socket_path"]).parent)
+    assert not agent["admin_socket_path"].startswith(workload_dir + "/")
+    namespace, account = sds_ds["metadata"]["namespace"], sds_spec["serviceAccountName"]
+    own_id = f"spiffe://{agent['trust_domain']}/ns/{namespace}/sa/{account}"
+    assert agent["authorized_delegates"] == [own_id]
+    # …and trustweave-sds gets that ID from a ClusterSPIFFEID.
+    (entry,) = [
+        d["spec"] for d in docs
+        if d["kind"] == "ClusterSPIFFEID"
+        and d["spec"]["podSelector"]["matchLabels"].items() <= sds_ds["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert entry["spiffeIDTemplate"] == "spiffe://{{ .TrustDomain }}/ns/{{ .PodMeta.Namespace }}/sa/{{ .PodSpec.ServiceAccountName }}"
+    assert entry["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": namespace}
+
+    # The gateways get the same template through their Helm values.
+    gateway = yaml.safe_load((ISTIO / "values" / f"eastwest-gateway-{cloud}.yaml").read_text())
+    assert "trustweave" in gateway["podAnnotations"]["inject.istio.io/templates"].split(",")
     # The template, applied to a pod, is a valid Pod.
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "app", "labels": template["metadata"]["labels"]},
-        "spec": {**template["spec"], "containers": [{"name": "istio-proxy", "image": "istio/proxyv2"}]},
+        "spec": {**template["spec"], "containers": [{**proxy, "image": "istio/proxyv2"}]},
     }
     assert validate.validate_document(pod, {}) == []
 
