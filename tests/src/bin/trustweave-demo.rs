@@ -1,9 +1,12 @@
-//! `trustweave-demo`: the whole stack on one machine, two federated trust domains.
+//! `trustweave-demo`: the whole stack on one machine, as on a Kubernetes node.
 //!
-//! SPIRE agent stand-ins (AWS client, GCP server) → two `trustweave-sds`
-//! processes → two real Envoys. Prints what each Envoy received (via
-//! `trustweave-sds inspect` and Envoy's `/certs`), a cross-domain mTLS request,
-//! and a live rotation. `--hold` keeps everything running until Ctrl-C.
+//! A SPIRE agent stand-in (its Delegated Identity API, holding the bundles of
+//! `aws.company.com` and `gcp.company.com`, federated) → one node-mode
+//! `trustweave-sds` process → two real Envoys on its one socket, each attested
+//! by its PID and served its own SVID. Prints what the node serves each
+//! workload (`trustweave-sds inspect --workloads`) and what each Envoy holds
+//! (`/certs`), a cross-domain mTLS request, and a live rotation of one
+//! workload. `--hold` keeps everything running until Ctrl-C.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,15 +17,17 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::Value;
 use tokio::process::{Child, Command};
+use trustweave_e2e::delegated_api::DelegatedApiStandIn;
 use trustweave_e2e::envoy::{self, Envoy};
 use trustweave_e2e::http;
 use trustweave_e2e::pki::TrustDomainCa;
-use trustweave_e2e::workload_api::WorkloadApiStandIn;
 
 const CLIENT_ID: &str = "spiffe://aws.company.com/ns/checkout/sa/client";
 const SERVER_ID: &str = "spiffe://gcp.company.com/ns/inventory/sa/server";
+const SDS_ID: &str = "spiffe://aws.company.com/ns/spire/sa/trustweave-sds";
+const ADMIN: &str = "127.0.0.1:15201";
 
-/// Local two-trust-domain demo of trustweave-sds with real Envoy.
+/// Local node-mode demo of trustweave-sds with real Envoy, two federated trust domains.
 #[derive(Parser, Debug)]
 struct Args {
     /// Working directory for sockets, configs and logs.
@@ -50,57 +55,36 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)?;
     let dir = args.dir.as_path();
 
-    step("SPIRE agent stand-ins: aws.company.com and gcp.company.com, federated");
+    step("SPIRE agent stand-in (Delegated Identity API): aws.company.com and gcp.company.com bundles");
     let aws = Arc::new(TrustDomainCa::new("aws.company.com"));
     let gcp = Arc::new(TrustDomainCa::new("gcp.company.com"));
-    let client_agent = WorkloadApiStandIn::start(
-        dir.join("aws-agent.sock"),
-        Arc::clone(&aws),
-        CLIENT_ID,
+    // The delegate's PID is only known once it runs; until then nobody is authorized.
+    let agent = DelegatedApiStandIn::start(
+        dir.join("admin-sockets/admin.sock"),
+        0,
+        SDS_ID,
+        &[&aws, &gcp],
         Duration::from_secs(3600),
     )
     .await;
-    let server_agent = WorkloadApiStandIn::start(
-        dir.join("gcp-agent.sock"),
-        Arc::clone(&gcp),
-        SERVER_ID,
-        Duration::from_secs(3600),
-    )
-    .await;
-    client_agent.federate_with(&gcp);
-    server_agent.federate_with(&aws);
-    println!("  {CLIENT_ID} on {}", client_agent.socket().display());
-    println!("  {SERVER_ID} on {}", server_agent.socket().display());
+    println!(
+        "  admin socket {} (authorized delegate {SDS_ID})",
+        agent.endpoint()
+    );
 
-    step("trustweave-sds, one per workload (as beside istio-proxy in a pod)");
-    let client_sds = dir.join("aws-sds.sock");
-    let server_sds = dir.join("gcp-sds.sock");
-    let _client_proc = spawn_sds(
-        &sds_bin,
-        dir,
-        "aws",
-        &client_agent,
-        &client_sds,
-        "127.0.0.1:15201",
-    )
-    .await?;
-    let _server_proc = spawn_sds(
-        &sds_bin,
-        dir,
-        "gcp",
-        &server_agent,
-        &server_sds,
-        "127.0.0.1:15202",
-    )
-    .await?;
+    step("trustweave-sds, one per node (--source delegated)");
+    let sds_socket = dir.join("sds/socket");
+    let sds = spawn_sds(&sds_bin, dir, &agent, &sds_socket).await?;
 
-    step("Envoy 1.40: GCP server (mTLS listener) and AWS client, secrets from SDS");
+    step("Envoy 1.40 ×2 on the one node socket: GCP server (mTLS listener), AWS client");
     let server = Envoy::start(
         "gcp-server",
         dir,
-        &envoy::server_bootstrap("gcp-server", &server_sds),
+        &envoy::server_bootstrap("gcp-server", &sds_socket),
     )
     .await;
+    let server_pid = server.pid().context("server Envoy PID")?;
+    agent.register(server_pid, &gcp, SERVER_ID, &["aws.company.com"]);
     server.wait_live().await;
     let upstream = server.listener(envoy::MTLS_LISTENER).await;
     let client = Envoy::start(
@@ -108,18 +92,21 @@ async fn main() -> anyhow::Result<()> {
         dir,
         &envoy::client_bootstrap(
             "aws-client",
-            &client_sds,
+            &sds_socket,
             upstream,
             "spiffe://gcp.company.com/",
         ),
     )
     .await;
+    let client_pid = client.pid().context("client Envoy PID")?;
+    agent.register(client_pid, &aws, CLIENT_ID, &["gcp.company.com"]);
     client.wait_live().await;
+    println!("  gcp-server pid {server_pid} registered as {SERVER_ID}");
+    println!("  aws-client pid {client_pid} registered as {CLIENT_ID}");
 
-    step("What trustweave-sds serves the GCP Envoy (trustweave-sds inspect)");
+    step("What the node serves each workload (trustweave-sds inspect --workloads)");
     let inspect = Command::new(&sds_bin)
-        .args(["inspect", "--sds-socket"])
-        .arg(&server_sds)
+        .args(["inspect", "--workloads", "--admin-addr", ADMIN])
         .output()
         .await?;
     print!("{}", String::from_utf8_lossy(&inspect.stdout));
@@ -161,8 +148,8 @@ async fn main() -> anyhow::Result<()> {
         bail!("cross-domain request failed: {}", response.body);
     }
 
-    step("Rotation: the GCP agent issues a new SVID; Envoy picks it up without restart");
-    let rotated = server_agent.rotate_now();
+    step("Rotation: the agent issues the GCP server a new SVID; only its Envoy gets it, without restart");
+    let rotated = agent.rotate(server_pid);
     let started = Instant::now();
     let serial = envoy::normalize_serial(&rotated.serial_hex);
     while !server.cert_serials().await.contains(&serial) {
@@ -181,9 +168,10 @@ async fn main() -> anyhow::Result<()> {
     if args.hold {
         step("Running; Ctrl-C to stop");
         println!("  curl http://{listener}/   (through the AWS client Envoy)");
-        println!("  admin: trustweave-sds 127.0.0.1:15201 / 127.0.0.1:15202 (/metrics, /readyz)");
+        println!("  admin: trustweave-sds {ADMIN} (/metrics, /readyz, /debug/workloads)");
         tokio::signal::ctrl_c().await?;
     }
+    drop(sds);
     println!("\ndemo complete");
     Ok(())
 }
@@ -195,24 +183,28 @@ fn step(title: &str) {
 async fn spawn_sds(
     bin: &Path,
     dir: &Path,
-    name: &str,
-    agent: &WorkloadApiStandIn,
+    agent: &DelegatedApiStandIn,
     sds_socket: &Path,
-    admin: &str,
 ) -> anyhow::Result<Child> {
-    let log = std::fs::File::create(dir.join(format!("{name}-sds.log")))?;
+    let log_path = dir.join("trustweave-sds.log");
+    let log = std::fs::File::create(&log_path)?;
     let child = Command::new(bin)
-        .arg("--workload-api-socket")
+        .args(["--source", "delegated", "--admin-socket"])
         .arg(agent.endpoint())
         .arg("--sds-socket")
         .arg(sds_socket)
-        .args(["--admin-addr", admin])
+        .args(["--admin-addr", ADMIN])
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot run {} (build it with cargo build)", bin.display()))?;
-    let addr = admin.parse()?;
+    // The agent attests its delegate by PID: this one is trustweave-sds.
+    let pid = child.id().context("trustweave-sds PID")?;
+    agent.update(|state| {
+        state.callers.insert(pid, SDS_ID.to_string());
+    });
+    let addr = ADMIN.parse()?;
     let started = Instant::now();
     loop {
         if let Ok(r) = http::get(addr, "/readyz", &[]).await {
@@ -221,13 +213,13 @@ async fn spawn_sds(
             }
         }
         if started.elapsed() > Duration::from_secs(15) {
-            bail!(
-                "trustweave-sds {name} not ready; see {}",
-                dir.join(format!("{name}-sds.log")).display()
-            );
+            bail!("trustweave-sds not ready; see {}", log_path.display());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("  {name}: {} ready (admin {admin})", sds_socket.display());
+    println!(
+        "  {} ready (pid {pid}, admin {ADMIN}, bundles from the agent)",
+        sds_socket.display()
+    );
     Ok(child)
 }
