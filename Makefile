@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENVOY_BIN = $(shell scripts/envoy-bin.sh)
 export ENVOY_BIN
 
-.PHONY: setup demo test lint build wasm bench bench-filter fuzz-smoke fuzz
+.PHONY: setup demo test lint build wasm bench bench-filter bench-sds fuzz-smoke fuzz
 
 setup:
 	@scripts/setup.sh
@@ -35,6 +35,7 @@ test: setup lint wasm
 	python3 -m pytest -q tests/manifests
 	target/opa-venv/bin/python -m pytest -q tests/rego
 	./target/debug/bench-filter --smoke
+	./target/debug/bench-sds --smoke
 	$(MAKE) --no-print-directory fuzz-smoke
 
 lint:
@@ -48,6 +49,12 @@ bench:
 	cargo run --release -p trustweave-filter --example policy_size_bench
 
 ## Server Envoy CPU per request: no filter, Envoy RBAC, trustweave-filter, dry run (writes BENCHMARKS.md).
+## SDS fan-out: 100, 1,000 and 10,000 Envoy-like clients per pod and per node;
+## writes the `sds` section of BENCHMARKS.md.
+bench-sds: setup
+	cargo build --release -p trustweave-sds -p trustweave-e2e --bin trustweave-sds --bin bench-sds
+	./target/release/bench-sds --output BENCHMARKS.md
+
 bench-filter: setup wasm
 	cargo build --release -p trustweave-e2e --bin bench-filter
 	./target/release/bench-filter --output BENCHMARKS.md

@@ -4,6 +4,7 @@
 //! configuration, upstreams, and an mTLS client.
 
 pub mod bench_filter;
+pub mod bench_sds;
 pub mod delegated_api;
 pub mod envoy;
 pub mod filter;

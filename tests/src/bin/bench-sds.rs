@@ -1,0 +1,470 @@
+//! `bench-sds`: SDS fan-out of the real `trustweave-sds` binary, per pod and per node.
+//!
+//! For each mode and each N: one server process; N Envoy-like clients (one
+//! connection each, a SotW stream per name — `default` and `ROOTCA` — every
+//! response ACKed) spread over client processes, each process one workload
+//! (one PID, attested on its own in node mode); and two real Envoys as a
+//! sanity check. Then an SVID rotation and a federated bundle change at the
+//! stand-in, each timed from the update to every client stream's receipt.
+//! Reported: p50/p99/max, streams left behind, server CPU per update, server
+//! RSS per stream, and time from server start to first secret served.
+//! `--output BENCHMARKS.md` writes the `sds` section; `--smoke` runs tiny N.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use trustweave_e2e::bench_filter::{cpu_micros, machine_facts, write_section};
+use trustweave_e2e::bench_sds::{now_nanos, percentiles, rss_kib, run_clients, UPDATE_TIMEOUT};
+use trustweave_e2e::delegated_api::DelegatedApiStandIn;
+use trustweave_e2e::envoy::{self, normalize_serial, Envoy};
+use trustweave_e2e::pki::{IssuedSvid, TrustDomainCa};
+use trustweave_e2e::sds::SotwClient;
+use trustweave_e2e::workload_api::WorkloadApiStandIn;
+
+const POD_ID: &str = "spiffe://aws.company.com/ns/bench/sa/pod";
+const SDS_ID: &str = "spiffe://aws.company.com/ns/spire/sa/trustweave-sds";
+const TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Parser, Debug)]
+#[command(name = "bench-sds")]
+struct Args {
+    #[command(subcommand)]
+    role: Option<Role>,
+    /// Client counts (one connection, two streams each).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![100, 1_000, 10_000])]
+    sizes: Vec<usize>,
+    /// Most client processes (workloads) per run.
+    #[arg(long, default_value_t = 100)]
+    workloads: usize,
+    /// Tiny sizes, to keep the harness working (`make test`).
+    #[arg(long)]
+    smoke: bool,
+    /// Write the results into this file's `sds` section.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Role {
+    /// Internal: run Envoy-like clients (one workload process).
+    Client {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        connections: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Pod,
+    Node,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Pod => "per pod (Workload API)",
+            Mode::Node => "per node (Delegated Identity API)",
+        }
+    }
+}
+
+/// The agent stand-in of one run.
+enum Agent {
+    Pod(Arc<WorkloadApiStandIn>),
+    Node(Arc<DelegatedApiStandIn>),
+}
+
+/// What one update cost.
+struct Update {
+    /// p50, p99, max from update to receipt, ms.
+    latency: (f64, f64, f64),
+    /// Client streams that never got it.
+    missed: usize,
+    /// Server CPU for the update, ms.
+    cpu_ms: f64,
+}
+
+struct Row {
+    mode: Mode,
+    clients: usize,
+    workloads: usize,
+    first_secret_ms: f64,
+    rss_per_stream_kib: f64,
+    rotation: Update,
+    bundle: Update,
+    envoys_ok: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(Role::Client {
+        socket,
+        connections,
+    }) = &args.role
+    {
+        return run_clients(socket, *connections).await;
+    }
+    let sizes = if args.smoke {
+        vec![4, 20]
+    } else {
+        args.sizes.clone()
+    };
+    let mut rows = Vec::new();
+    for mode in [Mode::Pod, Mode::Node] {
+        for &n in &sizes {
+            eprintln!("bench-sds: {} with {n} clients", mode.label());
+            let row = run(mode, n, args.workloads.min(n)).await?;
+            eprintln!("{}", format_row(&row));
+            rows.push(row);
+        }
+    }
+    let report = report(&rows);
+    println!("{report}");
+    if args.smoke {
+        let missed: usize = rows
+            .iter()
+            .map(|r| r.rotation.missed + r.bundle.missed)
+            .sum();
+        if missed > 0 || rows.iter().any(|r| r.envoys_ok != 2) {
+            bail!("streams were left behind in the smoke run");
+        }
+    }
+    if let Some(output) = &args.output {
+        write_section(output, "sds", &report)?;
+        eprintln!("wrote the sds section of {}", output.display());
+    }
+    Ok(())
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    Ok(std::env::current_exe()?.with_file_name(name))
+}
+
+async fn run(mode: Mode, clients: usize, workloads: usize) -> anyhow::Result<Row> {
+    let dir = tempfile::Builder::new()
+        .prefix("tw-bench-sds-")
+        .tempdir_in("/tmp")?;
+    let aws = Arc::new(TrustDomainCa::new("aws.company.com"));
+    let gcp = Arc::new(TrustDomainCa::new("gcp.company.com"));
+    let socket = dir.path().join("socket");
+    let agent = match mode {
+        Mode::Pod => {
+            let standin = WorkloadApiStandIn::start(
+                dir.path().join("agent.sock"),
+                Arc::clone(&aws),
+                POD_ID,
+                TTL,
+            )
+            .await;
+            standin.federate_with(&gcp);
+            Agent::Pod(standin)
+        }
+        Mode::Node => Agent::Node(
+            DelegatedApiStandIn::start(
+                dir.path().join("admin.sock"),
+                std::process::id(),
+                SDS_ID,
+                &[&aws, &gcp],
+                TTL,
+            )
+            .await,
+        ),
+    };
+    let mut server = Command::new(sibling("trustweave-sds")?);
+    match &agent {
+        Agent::Pod(standin) => server.args(["--workload-api-socket", &standin.endpoint()]),
+        Agent::Node(standin) => server.args([
+            "--source",
+            "delegated",
+            "--admin-socket",
+            &standin.endpoint(),
+        ]),
+    };
+    let started = Instant::now();
+    let server = server
+        .arg("--sds-socket")
+        .arg(&socket)
+        .args([
+            "--admin-addr",
+            "off",
+            "--max-connections",
+            &(clients + 64).to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("sds.log"))?)
+        .kill_on_drop(true)
+        .spawn()
+        .context("run trustweave-sds (cargo build --workspace --bins)")?;
+    let server_pid = server.id().context("server pid")?;
+    let mut registered: BTreeMap<u32, IssuedSvid> = BTreeMap::new();
+    if let Agent::Node(standin) = &agent {
+        standin.update(|s| {
+            s.callers.insert(server_pid, SDS_ID.to_string());
+        });
+        // The probe below is this process: a workload of its own.
+        let svid = standin.register(
+            std::process::id(),
+            &aws,
+            "spiffe://aws.company.com/ns/bench/sa/probe",
+            &[],
+        );
+        registered.insert(std::process::id(), svid);
+    }
+    let first_secret_ms = first_secret(&socket, started).await?;
+    let baseline_rss = rss_kib(server_pid);
+
+    // Clients, one process per workload.
+    let (events_tx, mut events) = mpsc::unbounded_channel::<(String, u128)>();
+    let mut processes: Vec<Child> = Vec::new();
+    for w in 0..workloads {
+        let connections = clients / workloads + usize::from(w < clients % workloads);
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["client", "--socket"])
+            .arg(&socket)
+            .args(["--connections", &connections.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().context("client pid")?;
+        if let Agent::Node(standin) = &agent {
+            let svid = standin.register(
+                pid,
+                &aws,
+                &format!("spiffe://aws.company.com/ns/bench/sa/w{w}"),
+                &["gcp.company.com"],
+            );
+            registered.insert(pid, svid);
+        }
+        let stdout = child.stdout.take().context("client stdout")?;
+        let tx = events_tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut parts = line.splitn(2, ' ');
+                let name = parts.next().unwrap_or_default().to_string();
+                let at = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+                let _ = tx.send((name, at));
+            }
+        });
+        processes.push(child);
+    }
+    let mut ready = 0;
+    let deadline = Instant::now() + UPDATE_TIMEOUT;
+    while ready < workloads {
+        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+            Ok(Some((name, _))) if name == "ready" => ready += 1,
+            Ok(Some((name, _))) if name == "error" => {
+                bail!("a client failed; see {}", dir.path().display())
+            }
+            Ok(Some(_)) => {}
+            _ => bail!("{ready}/{workloads} client processes ready after {UPDATE_TIMEOUT:?}"),
+        }
+    }
+    let rss_per_stream_kib =
+        rss_kib(server_pid).saturating_sub(baseline_rss) as f64 / (clients * 2) as f64;
+
+    // Two real Envoys on the same socket, as a sanity check.
+    let mut envoys = Vec::new();
+    for name in ["envoy-a", "envoy-b"] {
+        let e = Envoy::start(name, dir.path(), &envoy::server_bootstrap(name, &socket)).await;
+        if let Agent::Node(standin) = &agent {
+            let pid = e.pid().context("envoy pid")?;
+            let svid = standin.register(
+                pid,
+                &aws,
+                &format!("spiffe://aws.company.com/ns/bench/sa/{name}"),
+                &["gcp.company.com"],
+            );
+            registered.insert(pid, svid);
+        }
+        e.wait_live().await;
+        envoys.push(e);
+    }
+    while events.try_recv().is_ok() {}
+
+    // SVID rotation: every workload at once (per pod: the one identity).
+    let rotation = match &agent {
+        Agent::Pod(standin) => {
+            timed(server_pid, clients, "default", &mut events, || {
+                standin.rotate_now();
+            })
+            .await
+        }
+        Agent::Node(standin) => {
+            let fresh: BTreeMap<u32, IssuedSvid> = registered
+                .iter()
+                .map(|(pid, svid)| (*pid, aws.issue_svid(&svid.spiffe_id, TTL)))
+                .collect();
+            let update = timed(server_pid, clients, "default", &mut events, || {
+                standin.update(|s| {
+                    for (pid, svid) in &fresh {
+                        if let Some(entry) = s.workloads.get_mut(pid) {
+                            entry.svids[0] = svid.clone();
+                        }
+                    }
+                });
+            })
+            .await;
+            registered = fresh;
+            update
+        }
+    };
+    let mut envoys_ok = 0;
+    for e in &envoys {
+        let expected = match &agent {
+            Agent::Pod(standin) => standin.current_svid().serial_hex,
+            Agent::Node(_) => registered
+                .get(&e.pid().unwrap_or_default())
+                .map(|s| s.serial_hex.clone())
+                .unwrap_or_default(),
+        };
+        let expected = normalize_serial(&expected);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if e.cert_serials().await.contains(&expected) {
+                envoys_ok += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    while events.try_recv().is_ok() {}
+
+    // A federated bundle change: GCP's CA rotates (old and new roots overlap).
+    let new_root = TrustDomainCa::new("gcp.company.com").root_der().to_vec();
+    let bundle = timed(
+        server_pid,
+        clients,
+        "ROOTCA",
+        &mut events,
+        || match &agent {
+            Agent::Pod(standin) => standin.update(|m| {
+                m.federated
+                    .entry("gcp.company.com".into())
+                    .or_default()
+                    .push(new_root.clone());
+            }),
+            Agent::Node(standin) => standin.update(|s| {
+                s.bundles
+                    .entry("gcp.company.com".into())
+                    .or_default()
+                    .push(new_root.clone());
+            }),
+        },
+    )
+    .await;
+
+    for mut p in processes {
+        drop(p.stdin.take());
+        let _ = p.kill().await;
+    }
+    drop(server);
+    Ok(Row {
+        mode,
+        clients,
+        workloads,
+        first_secret_ms,
+        rss_per_stream_kib,
+        rotation,
+        bundle,
+        envoys_ok,
+    })
+}
+
+/// From spawning the server to one client's first `default` (the server
+/// connects to the agent, attests, renders, serves).
+async fn first_secret(socket: &Path, started: Instant) -> anyhow::Result<f64> {
+    loop {
+        if socket.exists() {
+            let mut probe = SotwClient::open(socket).await;
+            probe.request(&["default"], None).await;
+            if probe.try_next().await.is_some() {
+                return Ok(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("no secret served within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Makes `change` and waits until `expected` client streams of `name` received it.
+async fn timed(
+    server_pid: u32,
+    expected: usize,
+    name: &str,
+    events: &mut mpsc::UnboundedReceiver<(String, u128)>,
+    change: impl FnOnce(),
+) -> Update {
+    let cpu_before = cpu_micros(server_pid);
+    let at = now_nanos();
+    change();
+    let mut latencies = Vec::with_capacity(expected);
+    let deadline = Instant::now() + UPDATE_TIMEOUT;
+    while latencies.len() < expected {
+        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+            Ok(Some((got, when))) if got == name => {
+                latencies.push(when.saturating_sub(at) as f64 / 1e6);
+            }
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    let cpu_ms = cpu_micros(server_pid).saturating_sub(cpu_before) as f64 / 1000.0;
+    Update {
+        missed: expected - latencies.len(),
+        latency: percentiles(&mut latencies),
+        cpu_ms,
+    }
+}
+
+fn format_row(r: &Row) -> String {
+    let streams = r.clients * 2;
+    format!(
+        "| {} | {} ({} workloads) | {:.1} / {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} ms | {} | {:.1} ms ({:.1} µs per stream) | {:.1} KiB | {:.0} ms | {}/2 |",
+        r.mode.label(),
+        r.clients,
+        r.workloads,
+        r.rotation.latency.0,
+        r.rotation.latency.1,
+        r.rotation.latency.2,
+        r.bundle.latency.0,
+        r.bundle.latency.1,
+        r.bundle.latency.2,
+        r.rotation.missed + r.bundle.missed,
+        r.rotation.cpu_ms,
+        r.rotation.cpu_ms * 1000.0 / r.clients as f64,
+        r.rss_per_stream_kib,
+        r.first_secret_ms,
+        r.envoys_ok,
+    )
+    .replace("per stream)", &format!("per client; {streams} streams)"))
+}
+
+fn report(rows: &[Row]) -> String {
+    let mut out = String::from("## SDS fan-out (`make bench-sds`)\n\n");
+    out.push_str(&format!(
+        "Machine: {}. One `trustweave-sds` process (debug logging off); N Envoy-like clients, each its own Unix-socket connection with one SotW stream per name (`default`, `ROOTCA`) and every response ACKed, spread over client processes — each process one workload, attested by its own PID in node mode; two real Envoys on the same socket as a sanity check. Updates are made at the SPIRE agent stand-in and timed to each client stream's receipt (wall clock shared by the processes). Rotation: every workload's SVID at once; bundle change: a second root in the federated `gcp.company.com` bundle. Server CPU: scheduler run time of its threads during the update. RSS per stream: server `VmRSS` with the clients connected minus before, over 2N streams. Clients and server share the machine's cores.\n\n",
+        machine_facts()
+    ));
+    out.push_str("| mode | clients | rotation p50 / p99 / max | bundle change p50 / p99 / max | streams left behind | server CPU per rotation | server RSS per stream | start → first secret | real Envoys rotated |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        out.push_str(&format_row(r));
+        out.push('\n');
+    }
+    out
+}
