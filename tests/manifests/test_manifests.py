@@ -354,3 +354,89 @@ def test_l4_sidecar_connects_upstream_only_after_the_filter_decided():
     (tcp,) = [p["patch"]["value"]["typed_config"] for name, p in envoy_filter_patches()
               if name == "envoyfilter-sidecar-network.yaml" and p["patch"]["operation"] == "MERGE"]
     assert tcp["upstream_connect_mode"] == "ON_DOWNSTREAM_DATA" and tcp["max_early_data_bytes"] > 0
+
+
+def allows_egress(policy, port):
+    """Whether a NetworkPolicy lets TCP `port` out to addresses outside the cluster."""
+    for rule in policy["spec"].get("egress", []):
+        ports = rule.get("ports")
+        port_ok = ports is None or any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports)
+        anywhere = "to" not in rule or any(peer.get("ipBlock", {}).get("cidr") == "0.0.0.0/0" for peer in rule["to"])
+        if port_ok and anywhere:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_mesh_network_policies_let_cross_cluster_and_registry_traffic_out(cloud, rendered):
+    meshed = {
+        d["metadata"]["name"] for d in rendered[cloud]
+        if d["kind"] == "Namespace" and d["metadata"].get("labels", {}).get("istio-injection") == "enabled"
+    }
+    assert meshed, "a meshed namespace is shipped"
+    policies = [
+        d for d in rendered[cloud]
+        if d["kind"] == "NetworkPolicy" and d["metadata"]["namespace"] in meshed and "Egress" in d["spec"]["policyTypes"]
+    ]
+    assert policies
+    for policy in policies:
+        name = policy["metadata"]["name"]
+        # The remote clouds' east-west gateways (load-balancer addresses, outside the cluster).
+        assert allows_egress(policy, 15443), f"{name} drops cross-network mTLS"
+        # istio-agent pulling the WasmPlugin image (else FAIL_CLOSE denies everything).
+        assert allows_egress(policy, 443), f"{name} blocks the wasm image pull"
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_east_west_gateway_is_reachable_and_exposes_only_what_multi_primary_needs(cloud):
+    values = yaml.safe_load((ISTIO / "values" / f"eastwest-gateway-{cloud}.yaml").read_text())
+    assert {p["port"] for p in values["service"]["ports"]} == {15021, 15443}
+    annotations = values["service"].get("annotations", {})
+    if cloud == "aws":
+        # The AWS Load Balancer Controller provisions internal NLBs unless told otherwise.
+        assert annotations["service.beta.kubernetes.io/aws-load-balancer-scheme"] == "internet-facing"
+    if cloud == "gcp":
+        assert annotations.get("networking.gke.io/load-balancer-type") != "Internal"
+    if cloud == "azure":
+        assert annotations.get("service.beta.kubernetes.io/azure-load-balancer-internal") != "true"
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_istio_system_carries_the_network_istiod_is_configured_with(cloud):
+    istiod = yaml.safe_load((ISTIO / "values" / f"istiod-{cloud}.yaml").read_text())
+    (namespace,) = [doc for _, doc in validate.yaml_documents(ISTIO / f"namespace-istio-system-{cloud}.yaml")]
+    assert namespace["metadata"]["name"] == "istio-system"
+    network = istiod["global"]["network"]
+    assert namespace["metadata"]["labels"]["topology.istio.io/network"] == network
+    gateway = yaml.safe_load((ISTIO / "values" / f"eastwest-gateway-{cloud}.yaml").read_text())
+    assert gateway["labels"]["topology.istio.io/network"] == gateway["networkGateway"] == network
+
+
+def test_tracing_names_a_provider_every_cloud_defines_and_samples_a_fraction():
+    (telemetry,) = [doc for _, doc in validate.yaml_documents(ISTIO / "telemetry.yaml")]
+    for tracing in telemetry["spec"]["tracing"]:
+        assert 0 < tracing["randomSamplingPercentage"] < 100
+        for provider in tracing["providers"]:
+            for cloud in CLOUDS:
+                mesh = yaml.safe_load((ISTIO / "values" / f"istiod-{cloud}.yaml").read_text())["meshConfig"]
+                assert provider["name"] in {p["name"] for p in mesh["extensionProviders"]}, cloud
+
+
+def test_the_wasm_image_is_the_layout_istio_loads():
+    """Istio's fetcher takes an image whose last (tar+gzip) layer holds `plugin.wasm`."""
+    lines = [
+        line.split("#", 1)[0].strip()
+        for line in (REPO / "filter" / "Dockerfile.wasm").read_text().splitlines()
+    ]
+    instructions = [line for line in lines if line]
+    assert instructions[0] == "FROM scratch"
+    (copy,) = [line for line in instructions if line.startswith(("COPY", "ADD"))]
+    source, destination = copy.split()[1:]
+    assert destination in {"plugin.wasm", "./plugin.wasm", "/plugin.wasm"}
+    arg = next(line for line in instructions if line.startswith("ARG MODULE="))
+    module = arg.split("=", 1)[1]
+    built = REPO / source.replace("${MODULE}", module)
+    assert built.parent == REPO / "target" / "wasm32-wasip1" / "wasm" and built.name == "trustweave_filter.wasm"
+    oci = [doc for _, doc in validate.yaml_documents(ISTIO / "wasmplugin-oci.yaml")]
+    assert all(doc["spec"]["url"].startswith("oci://") for doc in oci)
+    assert "oras push" not in (REPO / "README.md").read_text(), "the single-layer recipe Istio refuses"
