@@ -92,7 +92,7 @@ def cloud_facts(cloud, rendered):
     server, agent = spire_configs(cloud)
     s = hcl.block(server, "server")
     federation = s["federation"][0]
-    federates = {td: peer for entry in federation["federates_with"] for td, peer in entry.items()}
+    federates = {td: peer for entry in federation.get("federates_with", []) for td, peer in entry.items()}
     psat = server["plugins"][0]["NodeAttestor"][0]["k8s_psat"]["plugin_data"][0]["clusters"]
     docs = rendered[cloud]
     manager = next(
@@ -125,15 +125,12 @@ def test_trust_domains_endpoints_and_federation_are_consistent_across_clouds(ren
     mesh_ids = set()
     for cloud, f in facts.items():
         peers = {td for c, td in domains.items() if c != cloud}
-        # SPIRE server: federates_with every peer, at the peer's bundle endpoint, https_spiffe.
-        assert set(f["federates"]) == peers
-        for td, peer in f["federates"].items():
-            assert peer["bundle_endpoint_url"] == bundle_endpoint_url(td)
-            (profile,) = peer["bundle_endpoint_profile"]
-            assert profile == {"https_spiffe": {"endpoint_spiffe_id": f"spiffe://{td}/spire/server"}}
+        # One source of federation: the server config names no peer (it would
+        # override the resources and silently ignore their edits)…
+        assert f["federates"] == {}
         # The peers' URLs point at this cloud's exposed bundle endpoint port.
         assert f["bundle_port"] == f["lb_port"] == 8443
-        # One ClusterFederatedTrustDomain per peer, matching the server config.
+        # …one ClusterFederatedTrustDomain per peer, at its bundle endpoint, https_spiffe.
         assert sorted(c["trustDomain"] for c in f["cftds"]) == sorted(peers)
         for c in f["cftds"]:
             assert c["bundleEndpointURL"] == bundle_endpoint_url(c["trustDomain"])
@@ -440,3 +437,12 @@ def test_the_wasm_image_is_the_layout_istio_loads():
     oci = [doc for _, doc in validate.yaml_documents(ISTIO / "wasmplugin-oci.yaml")]
     assert all(doc["spec"]["url"].startswith("oci://") for doc in oci)
     assert "oras push" not in (REPO / "README.md").read_text(), "the single-layer recipe Istio refuses"
+
+
+def test_federation_bootstrap_script_patches_the_resources_the_overlays_ship(rendered):
+    """scripts/bootstrap-federation.sh patches `clusterfederatedtrustdomain <peer cloud>`."""
+    script = (REPO / "scripts" / "bootstrap-federation.sh").read_text()
+    assert 'patch clusterfederatedtrustdomain "$peer"' in script and "trustDomainBundle" in script
+    for cloud in CLOUDS:
+        names = {d["metadata"]["name"]: d["spec"]["trustDomain"] for d in rendered[cloud] if d["kind"] == "ClusterFederatedTrustDomain"}
+        assert names == {peer: f"{peer}.company.com" for peer in CLOUDS if peer != cloud}
