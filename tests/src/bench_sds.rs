@@ -57,12 +57,28 @@ async fn stream(
     Ok(())
 }
 
+/// Connects, retrying while the server's listen backlog is full (thousands of
+/// clients connecting at once, as after a node restart).
+async fn connect(socket: &Path) -> anyhow::Result<tonic::transport::Channel> {
+    let mut attempt = 0;
+    loop {
+        match trustweave_sds::inspect::connect(socket).await {
+            Ok(channel) => return Ok(channel),
+            Err(_) if attempt < 200 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(10 + fastrand::u64(..20))).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
 /// Runs `connections` Envoy-like clients on `socket` until stdin closes,
 /// printing `ready` once every stream got its first response.
 pub async fn run_clients(socket: &Path, connections: usize) -> anyhow::Result<()> {
     let (lines, mut received) = mpsc::unbounded_channel::<String>();
     for _ in 0..connections {
-        let channel = trustweave_sds::inspect::connect(socket).await?;
+        let channel = connect(socket).await?;
         for name in NAMES {
             let lines = lines.clone();
             let channel = channel.clone();

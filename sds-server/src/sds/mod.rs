@@ -6,6 +6,7 @@
 //! (`disable_spiffe_cert_validation`, as with SPIRE).
 
 pub mod delta;
+pub mod routes;
 pub mod sotw;
 
 use std::fmt::Write as _;
@@ -572,9 +573,7 @@ impl SecretDiscoveryService for SdsService {
     }
 }
 
-/// The tonic server wrapper for [`SdsService`].
-pub fn server(
-    service: SdsService,
-) -> envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer<SdsService>{
-    envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer::new(service)
+/// The tonic service for [`SdsService`] (see [`routes`] for its codec buffers).
+pub fn server(service: SdsService) -> routes::SdsRoutes {
+    routes::SdsRoutes(service)
 }

@@ -41,6 +41,9 @@ struct Args {
     /// Client counts (one connection, two streams each).
     #[arg(long, value_delimiter = ',', default_values_t = vec![100, 1_000, 10_000])]
     sizes: Vec<usize>,
+    /// Modes to run: `pod`, `node`.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["pod".to_string(), "node".to_string()])]
+    modes: Vec<String>,
     /// Most client processes (workloads) per run.
     #[arg(long, default_value_t = 100)]
     workloads: usize,
@@ -121,7 +124,18 @@ async fn main() -> anyhow::Result<()> {
         args.sizes.clone()
     };
     let mut rows = Vec::new();
-    for mode in [Mode::Pod, Mode::Node] {
+    let modes: Vec<Mode> = args
+        .modes
+        .iter()
+        .map(|m| match m.as_str() {
+            "pod" => Ok(Mode::Pod),
+            "node" => Ok(Mode::Node),
+            other => Err(anyhow::anyhow!(
+                "--modes: {other:?} is neither pod nor node"
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    for mode in modes {
         for &n in &sizes {
             eprintln!("bench-sds: {} with {n} clients", mode.label());
             let row = run(mode, n, args.workloads.min(n)).await?;
