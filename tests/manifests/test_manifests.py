@@ -446,3 +446,43 @@ def test_federation_bootstrap_script_patches_the_resources_the_overlays_ship(ren
     for cloud in CLOUDS:
         names = {d["metadata"]["name"]: d["spec"]["trustDomain"] for d in rendered[cloud] if d["kind"] == "ClusterFederatedTrustDomain"}
         assert names == {peer: f"{peer}.company.com" for peer in CLOUDS if peer != cloud}
+
+
+def wasm_files_loaded():
+    """(resource, selector labels, file path) for every resource in istio/ that loads the module from a file."""
+    loaded = []
+    for path in sorted(ISTIO.glob("envoyfilter-*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            labels = doc["spec"].get("workloadSelector", {}).get("labels", {})
+            for patch in doc["spec"]["configPatches"]:
+                code = patch["patch"]["value"].get("typed_config", {}).get("config", {}).get("vm_config", {}).get("code", {})
+                if "local" in code:
+                    loaded.append((path.name, labels, code["local"]["filename"]))
+    for path in sorted(ISTIO.glob("wasmplugin-*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        if doc["spec"]["url"].startswith("file://"):
+            loaded.append((path.name, doc["spec"]["selector"]["matchLabels"], doc["spec"]["url"].removeprefix("file://")))
+    return loaded
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_every_wasm_file_a_resource_loads_is_mounted_where_it_applies(cloud):
+    values = yaml.safe_load((ISTIO / "values" / f"istiod-{cloud}.yaml").read_text())
+    template = yaml.safe_load(values["sidecarInjectorWebhook"]["templates"]["trustweave-wasm-file"])
+    template_labels = template["metadata"]["labels"]
+    (proxy,) = template["spec"]["containers"]
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    mounted = {}
+    for mount in proxy["volumeMounts"]:
+        config_map = volumes[mount["name"]]["configMap"]
+        mounted[mount["mountPath"]] = config_map
+    loaded = wasm_files_loaded()
+    assert len(loaded) >= 4
+    for resource, labels, filename in loaded:
+        # Scoped: only pods that carry the template's label (hence the mount) select it.
+        assert labels and template_labels.items() <= {k: str(v) for k, v in labels.items()}.items(), resource
+        directory = str(pathlib.PurePosixPath(filename).parent)
+        assert directory in mounted, f"{resource} loads {filename}, which nothing mounts"
+    # Gateways get the template too.
+    gateway = yaml.safe_load((ISTIO / "values" / f"eastwest-gateway-{cloud}.yaml").read_text())
+    assert "trustweave-wasm-file" in gateway["podAnnotations"]["inject.istio.io/templates"].split(",")
