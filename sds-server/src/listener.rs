@@ -91,6 +91,20 @@ impl Default for Limits {
     }
 }
 
+/// Raises this process's soft limit on open descriptors to its hard limit (as
+/// Go's runtime and Envoy do): each SDS connection is a descriptor, and the
+/// usual soft limit of 1,024 is below `--max-connections`'s default. Returns
+/// the limit now in force.
+pub fn raise_descriptor_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit.clone());
+    }
+    getrlimit(Resource::Nofile).current
+}
+
 /// The UID this process runs as (the owner of `/proc/self`).
 pub fn own_uid() -> Option<u32> {
     std::fs::metadata("/proc/self").ok().map(|m| m.uid())
@@ -232,6 +246,7 @@ struct Acceptor {
     slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     pin_peer_process: bool,
+    pins: crate::peer::ProcessPins,
     failing: bool,
     backoff: Duration,
 }
@@ -275,7 +290,7 @@ impl Acceptor {
             };
             self.metrics.connections_open.inc();
             let peer = if self.pin_peer_process {
-                Peer::of(&stream, uid)
+                Peer::of(&stream, uid, &mut self.pins)
             } else {
                 Peer { uid, process: None }
             };
@@ -327,6 +342,7 @@ pub fn incoming(
         limits,
         metrics,
         pin_peer_process,
+        pins: crate::peer::ProcessPins::default(),
         failing: false,
         backoff: Duration::from_millis(5),
     };

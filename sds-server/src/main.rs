@@ -94,6 +94,14 @@ async fn main() -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let config = args.validate()?;
+    let descriptors = trustweave_sds::listener::raise_descriptor_limit();
+    if descriptors.is_some_and(|limit| limit < config.limits.max_connections as u64 + 64) {
+        tracing::warn!(
+            ?descriptors,
+            max_connections = config.limits.max_connections,
+            "the descriptor limit is below --max-connections; connections beyond it are refused at accept"
+        );
+    }
     let mut server = trustweave_sds::start(config)
         .await
         .context("start-up failed")?;

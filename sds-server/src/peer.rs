@@ -35,18 +35,7 @@ pub struct ProcessHandle {
 impl ProcessHandle {
     /// The process at the other end of `stream`, as the kernel recorded it at connect.
     pub fn of_peer(stream: &UnixStream) -> io::Result<Self> {
-        let cred = stream.peer_cred()?;
-        let pid = cred
-            .pid()
-            .and_then(|pid| u32::try_from(pid).ok())
-            .filter(|pid| *pid > 0)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the peer has no PID in this PID namespace",
-                )
-            })?;
-        Self::open(pid)
+        Self::open(peer_pid(stream)?)
     }
 
     /// A handle on the process that has `pid` now.
@@ -91,6 +80,62 @@ impl ProcessHandle {
     }
 }
 
+/// The PID the kernel recorded for the peer of `stream` when it connected.
+pub fn peer_pid(stream: &UnixStream) -> io::Result<u32> {
+    stream
+        .peer_cred()?
+        .pid()
+        .and_then(|pid| u32::try_from(pid).ok())
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the peer has no PID in this PID namespace",
+            )
+        })
+}
+
+/// Pins the processes of accepted connections, one pidfd per live process:
+/// an Envoy opens a connection or two, but a thousand workloads must not cost
+/// two descriptors per connection. Owned by the accept loop.
+#[derive(Debug, Default)]
+pub struct ProcessPins {
+    pinned: std::collections::HashMap<u32, std::sync::Weak<ProcessHandle>>,
+    inserted: usize,
+}
+
+impl ProcessPins {
+    /// The pinned process of `pid`: the live handle already held for it (a
+    /// live process holds its PID, so it is the same process), or a new one.
+    pub fn pin(&mut self, pid: u32) -> io::Result<Arc<ProcessHandle>> {
+        if let Some(held) = self.pinned.get(&pid).and_then(std::sync::Weak::upgrade) {
+            if !held.has_exited() {
+                return Ok(held);
+            }
+        }
+        let handle = Arc::new(ProcessHandle::open(pid)?);
+        self.pinned.insert(pid, Arc::downgrade(&handle));
+        self.inserted += 1;
+        if self.inserted % 1024 == 0 {
+            self.pinned.retain(|_, held| held.strong_count() > 0);
+        }
+        Ok(handle)
+    }
+
+    /// Processes pinned now.
+    pub fn len(&self) -> usize {
+        self.pinned
+            .values()
+            .filter(|h| h.strong_count() > 0)
+            .count()
+    }
+
+    /// Whether no process is pinned.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The peer of one accepted SDS connection, handed to every stream it opens.
 #[derive(Debug, Clone)]
 pub struct Peer {
@@ -101,11 +146,11 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// Reads the peer of `stream` at accept.
-    pub fn of(stream: &UnixStream, uid: u32) -> Self {
+    /// Reads the peer of `stream` at accept, pinning its process through `pins`.
+    pub fn of(stream: &UnixStream, uid: u32, pins: &mut ProcessPins) -> Self {
         Self {
             uid,
-            process: ProcessHandle::of_peer(stream).ok().map(Arc::new),
+            process: peer_pid(stream).and_then(|pid| pins.pin(pid)).ok(),
         }
     }
 }
@@ -127,6 +172,17 @@ mod tests {
         child.kill().await.expect("kill");
         handle.exited().await;
         assert!(handle.has_exited());
+    }
+
+    #[test]
+    fn connections_of_one_live_process_share_one_pidfd() {
+        let mut pins = ProcessPins::default();
+        let first = pins.pin(std::process::id()).expect("pin");
+        let second = pins.pin(std::process::id()).expect("pin");
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(pins.len(), 1);
+        drop((first, second));
+        assert!(pins.is_empty());
     }
 
     #[tokio::test]

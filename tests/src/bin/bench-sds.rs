@@ -284,7 +284,14 @@ async fn run(mode: Mode, clients: usize, workloads: usize) -> anyhow::Result<Row
                 bail!("a client failed; see {}", dir.path().display())
             }
             Ok(Some(_)) => {}
-            _ => bail!("{ready}/{workloads} client processes ready after {UPDATE_TIMEOUT:?}"),
+            _ => {
+                let log = std::fs::read_to_string(dir.path().join("sds.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                bail!(
+                    "{ready}/{workloads} client processes ready after {UPDATE_TIMEOUT:?}; server log, last lines first:\n{}",
+                    tail.join("\n")
+                )
+            }
         }
     }
     let rss_per_stream_kib =
