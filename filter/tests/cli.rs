@@ -93,7 +93,7 @@ fn check_prints_decision_policy_rule_and_annotations() {
         "--principal",
         "spiffe://aws.company.com/ns/ops/sa/orchestrator",
         "--via-gateway",
-        "spiffe://gcp.company.com/ns/istio-system/sa/eastwest-gateway",
+        "spiffe://gcp.company.com/ns/istio-system/sa/istio-eastwestgateway",
         "--local-principal",
         "spiffe://gcp.company.com/region/gcp-us-central1/worker-3",
     ]);

@@ -12,7 +12,7 @@ use trustweave_filter::engine::{evaluate_http, HttpInput, XFCC};
 
 const PEER: &str = "spiffe://gcp.company.com/ns/billing/sa/invoicer";
 const ORCHESTRATOR: &str = "spiffe://aws.company.com/ns/ops/sa/orchestrator";
-const GATEWAY: &str = "spiffe://gcp.company.com/ns/istio-system/sa/eastwest-gateway";
+const GATEWAY: &str = "spiffe://gcp.company.com/ns/istio-system/sa/istio-eastwestgateway";
 const LOCAL: &str = "spiffe://gcp.company.com/region/gcp-us-central1/worker-1";
 
 /// A certificate with exactly these URI SANs: (PEM, digest).

@@ -7,6 +7,7 @@ import json
 import pathlib
 import re
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -153,16 +154,16 @@ def test_trust_domains_endpoints_and_federation_are_consistent_across_clouds(ren
     assert len({f["istiod"]["global"]["network"] for f in facts.values()}) == 3, "separate networks"
 
 
-def istio_wasm_configurations():
-    """(resource file, filter configuration JSON) for every wasm filter in istio/."""
+def istio_wasm_configurations(root=ISTIO):
+    """(resource file, filter configuration JSON) for every wasm filter in `root`."""
     found = []
-    for path in sorted(ISTIO.glob("envoyfilter-*.yaml")):
+    for path in sorted(root.glob("envoyfilter-*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             for patch in doc["spec"]["configPatches"]:
                 value = patch["patch"]["value"]
                 if str(value.get("name", "")).endswith(".wasm"):
                     found.append((path.name, value["typed_config"]["config"]["configuration"]["value"]))
-    for path in sorted(ISTIO.glob("wasmplugin-*.yaml")):
+    for path in sorted(root.glob("wasmplugin-*.yaml")):
         doc = yaml.safe_load(path.read_text())
         found.append((path.name, json.dumps(doc["spec"]["pluginConfig"])))
     return found
@@ -486,3 +487,32 @@ def test_every_wasm_file_a_resource_loads_is_mounted_where_it_applies(cloud):
     # Gateways get the template too.
     gateway = yaml.safe_load((ISTIO / "values" / f"eastwest-gateway-{cloud}.yaml").read_text())
     assert "trustweave-wasm-file" in gateway["podAnnotations"]["inject.istio.io/templates"].split(",")
+
+
+def test_per_cloud_filter_resources_are_rendered_from_istio_and_current():
+    out = subprocess.run([sys.executable, REPO / "scripts" / "render-istio-clouds.py", "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_each_cloud_installs_its_own_place_and_gateway(cloud, tmp_path):
+    """One cloud's policy must not be installed everywhere: each names its own place and gateway."""
+    istiod = yaml.safe_load((ISTIO / "values" / f"istiod-{cloud}.yaml").read_text())
+    trust_domain = istiod["meshConfig"]["trustDomain"]
+    gateway_values = yaml.safe_load((ISTIO / "values" / f"eastwest-gateway-{cloud}.yaml").read_text())
+    # The gateway chart names the service account after the release (`name`).
+    gateway = f"spiffe://{trust_domain}/ns/istio-system/sa/{gateway_values['name']}"
+    found = istio_wasm_configurations(ISTIO / "clouds" / cloud)
+    names = {name for name, _ in found}
+    placed = {name for name, config in istio_wasm_configurations() if "local" in json.loads(config) or "trusted_gateways" in json.loads(config)}
+    assert names == placed, "every resource that names a place or gateway has a per-cloud copy"
+    for name, configuration in found:
+        config = json.loads(configuration)
+        place = config["trust_domains"][trust_domain]
+        assert config["local"]["cloud"] == place["cloud"] == cloud, name
+        assert config["local"]["region"] == place["region"], name
+        assert config["trusted_gateways"] == [gateway], name
+        path = tmp_path / f"{name}.json"
+        path.write_text(configuration)
+        out = subprocess.run([BIN / "trustweave-policy", "validate", path], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr

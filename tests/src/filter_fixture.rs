@@ -17,7 +17,7 @@ use crate::upstream;
 /// This sidecar's workload: a GCP worker in us-central1.
 pub const WORKER: &str = "spiffe://gcp.company.com/region/gcp-us-central1/worker-1";
 /// GCP's east-west gateway (trusted to forward callers).
-pub const GATEWAY: &str = "spiffe://gcp.company.com/ns/istio-system/sa/eastwest-gateway";
+pub const GATEWAY: &str = "spiffe://gcp.company.com/ns/istio-system/sa/istio-eastwestgateway";
 /// A workload in GCP's own trust domain.
 pub const GCP_PEER: &str = "spiffe://gcp.company.com/ns/billing/sa/invoicer";
 /// An AWS workload allowed `inventory.read` only.
