@@ -159,21 +159,6 @@ impl Peer {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_handle_follows_its_process_not_its_pid() {
-        let mut child = tokio::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("spawn sleep");
-        let pid = child.id().expect("pid");
-        let handle = ProcessHandle::open(pid).expect("pidfd");
-        assert_eq!(handle.pid(), pid);
-        assert!(!handle.has_exited());
-        child.kill().await.expect("kill");
-        handle.exited().await;
-        assert!(handle.has_exited());
-    }
-
     #[test]
     fn connections_of_one_live_process_share_one_pidfd() {
         let mut pins = ProcessPins::default();

@@ -60,8 +60,10 @@ async fn an_exited_process_is_never_attached() {
     let pid = child.id().expect("pid");
     let pinned = Arc::new(ProcessHandle::open(pid).expect("pidfd"));
     let lease = node.attach(&pinned).expect("attached while alive");
+    assert!(!pinned.has_exited());
     child.kill().await.expect("kill");
     pinned.exited().await;
+    assert!(pinned.has_exited());
     // Whoever holds the PID next, the exited process's handle attaches nothing;
     // a new holder connecting would be pinned by its own pidfd, which is alive.
     assert!(node.attach(&pinned).is_none());

@@ -516,3 +516,58 @@ def test_each_cloud_installs_its_own_place_and_gateway(cloud, tmp_path):
         path.write_text(configuration)
         out = subprocess.run([BIN / "trustweave-policy", "validate", path], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
+
+
+def pod_specs(docs):
+    for d in docs:
+        if d["kind"] in ("DaemonSet", "StatefulSet", "Deployment"):
+            yield d, d["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_production_shape(cloud, rendered):
+    docs = rendered[cloud]
+    for workload, spec in pod_specs(docs):
+        name = workload["metadata"]["name"]
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            image = container["image"]
+            assert not image.endswith(":latest") and (":" in image.rsplit("/", 1)[-1] or "@sha256:" in image), f"{name}: {image}"
+            assert {"requests", "limits"} <= set(container.get("resources", {})), f"{name}/{container['name']}"
+            sc = container.get("securityContext", {})
+            assert sc.get("readOnlyRootFilesystem") is True and sc.get("capabilities", {}).get("drop") == ["ALL"], f"{name}/{container['name']}"
+            if not sc.get("privileged"):
+                assert sc.get("allowPrivilegeEscalation") is False, f"{name}/{container['name']}"
+        if workload["kind"] == "DaemonSet":
+            # Node agents run everywhere, before ordinary pods are preempted.
+            assert spec["priorityClassName"] == "system-node-critical", name
+            assert {"operator": "Exists"} in spec["tolerations"], name
+    # SPIRE server: two replicas on different nodes, a shared datastore, a disruption budget.
+    server_set = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "spire-server")
+    spec = server_set["spec"]["template"]["spec"]
+    assert server_set["spec"]["replicas"] >= 2
+    anti = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert any(t["topologyKey"] == "kubernetes.io/hostname" for t in anti)
+    (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == "spire-server"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= server_set["spec"]["template"]["metadata"]["labels"].items()
+    server, _ = spire_configs(cloud)
+    datastore = server["plugins"][0]["DataStore"][0]["sql"]["plugin_data"][0]
+    assert datastore["database_type"] in ("postgres", "mysql"), "replicas need a shared datastore"
+    (container,) = [c for c in spec["containers"] if c["name"] == "spire-server"]
+    variable = datastore["connection_string"].strip("${}")
+    assert "-expandEnv" in container["args"]
+    assert any(e["name"] == variable and "secretKeyRef" in e["valueFrom"] for e in container["env"])
+    # The controller manager may patch its own webhook configuration only.
+    role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "spire-server")
+    for rule in role["rules"]:
+        if "validatingwebhookconfigurations" in rule["resources"] and {"patch", "update"} & set(rule["verbs"]):
+            assert rule.get("resourceNames") == ["spire-controller-manager-webhook"]
+    # The agent as upstream runs it.
+    agent = next(d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "spire-agent")["spec"]["template"]["spec"]
+    assert agent["hostPID"] and agent["hostNetwork"] and agent["dnsPolicy"] == "ClusterFirstWithHostNet"
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_the_controller_manager_registers_trustweave_sds(cloud, rendered):
+    f = cloud_facts(cloud, rendered)
+    sds = daemonset(rendered[cloud], "trustweave-sds")
+    assert sds["metadata"]["namespace"] not in f["manager"]["ignoreNamespaces"]

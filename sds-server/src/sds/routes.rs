@@ -24,8 +24,10 @@ use super::SdsService;
 
 /// Initial size of each stream's encode and decode buffer.
 pub const CODEC_BUFFER: usize = 1024;
-/// Largest request accepted (100 names of 2,048 bytes, a node, and room to spare).
-pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Largest request decoded (tonic's default, stated): a request past the name
+/// limits (100 names of 2,048 bytes) is still decoded, so that it is refused
+/// with `INVALID_ARGUMENT` naming the limit, and counted.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 /// The gRPC service name.
 const SERVICE: &str = "envoy.service.secret.v3.SecretDiscoveryService";
 
