@@ -314,7 +314,11 @@ def test_dockerfile_builds_a_static_non_root_image():
     dockerfile = (REPO / "sds-server" / "Dockerfile").read_text()
     assert dockerfile.count("FROM ") >= 2, "multi-stage"
     assert "distroless/static" in dockerfile and "nonroot" in dockerfile
-    assert "x86_64-unknown-linux-musl" in dockerfile
+    # Multi-arch: each platform's musl target, chosen from buildx's TARGETARCH.
+    assert "ARG TARGETARCH" in dockerfile
+    for arch, target in [("amd64", "x86_64-unknown-linux-musl"), ("arm64", "aarch64-unknown-linux-musl")]:
+        assert re.search(rf"{arch}\) echo {target}", dockerfile), arch
+    assert "USER 1337:1337" in dockerfile
 
 
 def envoy_filter_patches():
@@ -571,3 +575,22 @@ def test_the_controller_manager_registers_trustweave_sds(cloud, rendered):
     f = cloud_facts(cloud, rendered)
     sds = daemonset(rendered[cloud], "trustweave-sds")
     assert sds["metadata"]["namespace"] not in f["manager"]["ignoreNamespaces"]
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_each_cloud_offers_an_upstream_authority_and_nothing_else_differs(cloud, crds):
+    overlay = OVERLAYS / f"{cloud}-upstream-ca"
+    docs = validate.render_overlay(overlay)
+    errors = [f"{d['kind']}/{d['metadata']['name']}: {e}" for d in docs for e in validate.validate_document(d, crds)]
+    assert errors == []
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("spire-server")]
+    upstream = hcl.parse(config_map["data"]["server.conf"])
+    assert hcl.unknown_keys(upstream, "server") == []
+    (authority,) = [p for p in upstream["plugins"][0].get("UpstreamAuthority", [])]
+    assert set(authority) <= {"aws_pca", "gcp_cas", "cert-manager"}
+    plain, _ = spire_configs(cloud)
+    # The same server otherwise: trust domain, federation endpoint, datastore, attestation.
+    for block in ("trust_domain", "federation", "socket_path", "data_dir"):
+        assert hcl.block(upstream, "server")[block] == hcl.block(plain, "server")[block], block
+    strip = lambda config: {k: v for k, v in config["plugins"][0].items() if k != "UpstreamAuthority"}
+    assert strip(upstream) == strip(plain)
