@@ -97,14 +97,52 @@ struct Update {
     cpu_ms: f64,
 }
 
+/// Updates of one kind over the rounds: medians, the p99 range, the worst max.
+struct Summary {
+    /// Median p50, median p99, largest max, ms.
+    latency: (f64, f64, f64),
+    /// Smallest and largest p99, ms.
+    p99_range: (f64, f64),
+    /// Streams left behind, summed.
+    missed: usize,
+    /// Median server CPU per update, ms.
+    cpu_ms: f64,
+}
+
+impl Summary {
+    fn of(updates: &[Update]) -> Self {
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        let p99s: Vec<f64> = updates.iter().map(|u| u.latency.1).collect();
+        Self {
+            latency: (
+                median(updates.iter().map(|u| u.latency.0).collect()),
+                median(p99s.clone()),
+                updates.iter().map(|u| u.latency.2).fold(0.0, f64::max),
+            ),
+            p99_range: (
+                p99s.iter().copied().fold(f64::INFINITY, f64::min),
+                p99s.iter().copied().fold(0.0, f64::max),
+            ),
+            missed: updates.iter().map(|u| u.missed).sum(),
+            cpu_ms: median(updates.iter().map(|u| u.cpu_ms).collect()),
+        }
+    }
+}
+
+/// Rotations and bundle changes per run.
+const ROUNDS: usize = 3;
+
 struct Row {
     mode: Mode,
     clients: usize,
     workloads: usize,
     first_secret_ms: f64,
     rss_per_stream_kib: f64,
-    rotation: Update,
-    bundle: Update,
+    rotation: Summary,
+    bundle: Summary,
     envoys_ok: usize,
 }
 
@@ -316,77 +354,89 @@ async fn run(mode: Mode, clients: usize, workloads: usize) -> anyhow::Result<Row
     }
     while events.try_recv().is_ok() {}
 
-    // SVID rotation: every workload at once (per pod: the one identity).
-    let rotation = match &agent {
-        Agent::Pod(standin) => {
-            timed(server_pid, clients, "default", &mut events, || {
-                standin.rotate_now();
-            })
-            .await
-        }
-        Agent::Node(standin) => {
-            let fresh: BTreeMap<u32, IssuedSvid> = registered
-                .iter()
-                .map(|(pid, svid)| (*pid, aws.issue_svid(&svid.spiffe_id, TTL)))
-                .collect();
-            let update = timed(server_pid, clients, "default", &mut events, || {
-                standin.update(|s| {
-                    for (pid, svid) in &fresh {
-                        if let Some(entry) = s.workloads.get_mut(pid) {
-                            entry.svids[0] = svid.clone();
-                        }
-                    }
-                });
-            })
-            .await;
-            registered = fresh;
-            update
-        }
-    };
-    let mut envoys_ok = 0;
-    for e in &envoys {
-        let expected = match &agent {
-            Agent::Pod(standin) => standin.current_svid().serial_hex,
-            Agent::Node(_) => registered
-                .get(&e.pid().unwrap_or_default())
-                .map(|s| s.serial_hex.clone())
-                .unwrap_or_default(),
-        };
-        let expected = normalize_serial(&expected);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if e.cert_serials().await.contains(&expected) {
-                envoys_ok += 1;
-                break;
+    let mut rotations = Vec::new();
+    let mut bundles = Vec::new();
+    let mut envoys_ok = usize::MAX;
+    for round in 0..ROUNDS {
+        // SVID rotation: every workload at once (per pod: the one identity).
+        let rotation = match &agent {
+            Agent::Pod(standin) => {
+                timed(server_pid, clients, "default", &mut events, || {
+                    standin.rotate_now();
+                })
+                .await
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Agent::Node(standin) => {
+                let fresh: BTreeMap<u32, IssuedSvid> = registered
+                    .iter()
+                    .map(|(pid, svid)| (*pid, aws.issue_svid(&svid.spiffe_id, TTL)))
+                    .collect();
+                let update = timed(server_pid, clients, "default", &mut events, || {
+                    standin.update(|s| {
+                        for (pid, svid) in &fresh {
+                            if let Some(entry) = s.workloads.get_mut(pid) {
+                                entry.svids[0] = svid.clone();
+                            }
+                        }
+                    });
+                })
+                .await;
+                registered = fresh;
+                update
+            }
+        };
+        rotations.push(rotation);
+        let mut rotated = 0;
+        for e in &envoys {
+            let expected = match &agent {
+                Agent::Pod(standin) => standin.current_svid().serial_hex,
+                Agent::Node(_) => registered
+                    .get(&e.pid().unwrap_or_default())
+                    .map(|s| s.serial_hex.clone())
+                    .unwrap_or_default(),
+            };
+            let expected = normalize_serial(&expected);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if e.cert_serials().await.contains(&expected) {
+                    rotated += 1;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-    }
-    while events.try_recv().is_ok() {}
+        envoys_ok = envoys_ok.min(rotated);
+        while events.try_recv().is_ok() {}
 
-    // A federated bundle change: GCP's CA rotates (old and new roots overlap).
-    let new_root = TrustDomainCa::new("gcp.company.com").root_der().to_vec();
-    let bundle = timed(
-        server_pid,
-        clients,
-        "ROOTCA",
-        &mut events,
-        || match &agent {
-            Agent::Pod(standin) => standin.update(|m| {
-                m.federated
-                    .entry("gcp.company.com".into())
-                    .or_default()
-                    .push(new_root.clone());
-            }),
-            Agent::Node(standin) => standin.update(|s| {
-                s.bundles
-                    .entry("gcp.company.com".into())
-                    .or_default()
-                    .push(new_root.clone());
-            }),
-        },
-    )
-    .await;
+        // A federated bundle change: GCP's CA rotates (old and new roots overlap).
+        let roots = vec![
+            gcp.root_der().to_vec(),
+            TrustDomainCa::new("gcp.company.com").root_der().to_vec(),
+        ];
+        let bundle = timed(
+            server_pid,
+            clients,
+            "ROOTCA",
+            &mut events,
+            || match &agent {
+                Agent::Pod(standin) => standin.update(|m| {
+                    m.federated.insert("gcp.company.com".into(), roots.clone());
+                }),
+                Agent::Node(standin) => standin.update(|s| {
+                    s.bundles.insert("gcp.company.com".into(), roots.clone());
+                }),
+            },
+        )
+        .await;
+        bundles.push(bundle);
+        while events.try_recv().is_ok() {}
+        eprintln!(
+            "  round {round}: rotation p99 {:.1} ms, bundle change p99 {:.1} ms",
+            rotations[round].latency.1, bundles[round].latency.1
+        );
+    }
+    let rotation = Summary::of(&rotations);
+    let bundle = Summary::of(&bundles);
 
     for mut p in processes {
         drop(p.stdin.take());
@@ -456,15 +506,19 @@ async fn timed(
 fn format_row(r: &Row) -> String {
     let streams = r.clients * 2;
     format!(
-        "| {} | {} ({} workloads) | {:.1} / {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} ms | {} | {:.1} ms ({:.1} µs per stream) | {:.1} KiB | {:.0} ms | {}/2 |",
+        "| {} | {} ({} workloads) | {:.1} / {:.1} ({:.1}–{:.1}) / {:.1} ms | {:.1} / {:.1} ({:.1}–{:.1}) / {:.1} ms | {} | {:.1} ms ({:.1} µs per pushed stream) | {:.1} KiB ({streams} streams) | {:.0} ms | {}/2 |",
         r.mode.label(),
         r.clients,
         r.workloads,
         r.rotation.latency.0,
         r.rotation.latency.1,
+        r.rotation.p99_range.0,
+        r.rotation.p99_range.1,
         r.rotation.latency.2,
         r.bundle.latency.0,
         r.bundle.latency.1,
+        r.bundle.p99_range.0,
+        r.bundle.p99_range.1,
         r.bundle.latency.2,
         r.rotation.missed + r.bundle.missed,
         r.rotation.cpu_ms,
@@ -473,16 +527,15 @@ fn format_row(r: &Row) -> String {
         r.first_secret_ms,
         r.envoys_ok,
     )
-    .replace("per stream)", &format!("per client; {streams} streams)"))
 }
 
 fn report(rows: &[Row]) -> String {
     let mut out = String::from("## SDS fan-out (`make bench-sds`)\n\n");
     out.push_str(&format!(
-        "Machine: {}. One `trustweave-sds` process (debug logging off); N Envoy-like clients, each its own Unix-socket connection with one SotW stream per name (`default`, `ROOTCA`) and every response ACKed, spread over client processes — each process one workload, attested by its own PID in node mode; two real Envoys on the same socket as a sanity check. Updates are made at the SPIRE agent stand-in and timed to each client stream's receipt (wall clock shared by the processes). Rotation: every workload's SVID at once; bundle change: a second root in the federated `gcp.company.com` bundle. Server CPU: scheduler run time of its threads during the update. RSS per stream: server `VmRSS` with the clients connected minus before, over 2N streams. Clients and server share the machine's cores.\n\n",
+        "Machine: {}. One `trustweave-sds` process (debug logging off); N Envoy-like clients, each its own Unix-socket connection with one SotW stream per name (`default`, `ROOTCA`) and every response ACKed, spread over client processes — each process one workload, attested by its own PID in node mode; two real Envoys on the same socket as a sanity check. Updates are made at the SPIRE agent stand-in and timed to each client stream's receipt (wall clock shared by the processes). Rotation: every workload's SVID at once; bundle change: a new second root in the federated `gcp.company.com` bundle; three of each per run, reported as median p50 / median p99 (p99 range) / worst max, and the median server CPU. Server CPU: scheduler run time of its threads during the update. RSS per stream: server `VmRSS` with the clients connected minus before, over 2N streams. Clients and server share the machine's cores.\n\n",
         machine_facts()
     ));
-    out.push_str("| mode | clients | rotation p50 / p99 / max | bundle change p50 / p99 / max | streams left behind | server CPU per rotation | server RSS per stream | start → first secret | real Envoys rotated |\n|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| mode | clients | rotation p50 / p99 (range) / max | bundle change p50 / p99 (range) / max | streams left behind | server CPU per rotation | server RSS per stream | start → first secret | real Envoys rotated |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         out.push_str(&format_row(r));
         out.push('\n');
