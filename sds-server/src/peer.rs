@@ -116,7 +116,7 @@ impl ProcessPins {
         let handle = Arc::new(ProcessHandle::open(pid)?);
         self.pinned.insert(pid, Arc::downgrade(&handle));
         self.inserted += 1;
-        if self.inserted % 1024 == 0 {
+        if self.inserted.is_multiple_of(1024) {
             self.pinned.retain(|_, held| held.strong_count() > 0);
         }
         Ok(handle)
