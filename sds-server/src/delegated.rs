@@ -693,8 +693,10 @@ async fn stream_workload(
                 }
             }
         }
-        if let Some(update) = latest.as_ref() {
-            let current = Arc::clone(&bundles.borrow_and_update());
+        let current = Arc::clone(&bundles.borrow_and_update());
+        // Before the agent's first bundles arrive every SVID would lack its
+        // trust domain's bundle: wait for them rather than refuse and warn.
+        if let (Some(update), false) = (latest.as_ref(), current.is_empty()) {
             owner.on_context(workload_snapshot(update, &current, SystemTime::now()));
         }
     }
