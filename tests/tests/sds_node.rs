@@ -399,6 +399,13 @@ async fn inspect_lists_each_workload_and_the_identity_it_is_served() {
         })
         .await;
     }
+    let unregistered = pid(&n.unregistered);
+    wait_until(
+        "the unregistered Envoy connected",
+        Duration::from_secs(10),
+        || async { n.sds.workloads().iter().any(|w| w.pid == unregistered) },
+    )
+    .await;
     let admin = n.sds.admin_addr().expect("admin");
     // Built by `make test` (`cargo build --workspace --bins`) before the tests run.
     let binary =
