@@ -394,7 +394,8 @@ impl NodeIdentities {
             bundles,
             workloads: Mutex::new(HashMap::new()),
         });
-        let task = tokio::spawn(run_bundles(Arc::clone(&node), bundles_tx, node_tx));
+        let node_owner = IdentityOwner::new(node_tx, node.names.clone(), Arc::clone(&node.metrics));
+        let task = tokio::spawn(run_bundles(Arc::clone(&node), bundles_tx, node_owner));
         (node, task)
     }
 
@@ -506,7 +507,7 @@ enum Ended {
 async fn run_bundles(
     node: Arc<NodeIdentities>,
     bundles_tx: watch::Sender<Arc<BundleSet>>,
-    node_tx: watch::Sender<Arc<Published>>,
+    node_owner: IdentityOwner,
 ) {
     let mut backoff = Backoff::new(node.config.min_backoff, node.config.max_backoff);
     let mut down_logged = false;
@@ -535,13 +536,7 @@ async fn run_bundles(
                                 bundles: (*bundles).clone(),
                                 ..IdentitySnapshot::default()
                             };
-                            node_tx.send_if_modified(|current| {
-                                if current.snapshot == snapshot {
-                                    return false;
-                                }
-                                *current = Arc::new(Published::now(snapshot, &node.names));
-                                true
-                            });
+                            node_owner.publish(snapshot);
                         }
                         Err(error) => {
                             node.metrics.reject(error.label());
@@ -602,12 +597,7 @@ async fn run_workload(
             () = process.exited() => Ended::Exited,
         };
         match ended {
-            Ended::Exited => {
-                info!("workload process exited; its SVIDs are withdrawn");
-                owner.publish(IdentitySnapshot::default());
-                node.attestation_failed("process_exited");
-                return;
-            }
+            Ended::Exited => return withdraw(&node, &owner),
             Ended::Failed(label, reason) => {
                 node.attestation_failed(label);
                 let serving = latest.is_some();
@@ -617,13 +607,16 @@ async fn run_workload(
         let delay = backoff.next_delay();
         tokio::select! {
             () = owner.expiring_while(tokio::time::sleep(delay)) => {}
-            () = process.exited() => {
-                owner.publish(IdentitySnapshot::default());
-                node.attestation_failed("process_exited");
-                return;
-            }
+            () = process.exited() => return withdraw(&node, &owner),
         }
     }
+}
+
+/// The workload's process exited: its SVIDs are withdrawn for good.
+fn withdraw(node: &NodeIdentities, owner: &IdentityOwner) {
+    info!("workload process exited; its SVIDs are withdrawn");
+    owner.publish(IdentitySnapshot::default());
+    node.attestation_failed("process_exited");
 }
 
 async fn stream_workload(

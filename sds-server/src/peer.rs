@@ -33,11 +33,6 @@ pub struct ProcessHandle {
 }
 
 impl ProcessHandle {
-    /// The process at the other end of `stream`, as the kernel recorded it at connect.
-    pub fn of_peer(stream: &UnixStream) -> io::Result<Self> {
-        Self::open(peer_pid(stream)?)
-    }
-
     /// A handle on the process that has `pid` now.
     pub fn open(pid: u32) -> io::Result<Self> {
         let raw = i32::try_from(pid)
@@ -173,7 +168,7 @@ mod tests {
     #[tokio::test]
     async fn the_peer_of_a_socket_is_the_connecting_process() {
         let (a, _b) = UnixStream::pair().expect("pair");
-        let handle = ProcessHandle::of_peer(&a).expect("peer");
+        let handle = ProcessHandle::open(peer_pid(&a).expect("peer pid")).expect("pidfd");
         assert_eq!(handle.pid(), std::process::id());
         assert!(!handle.has_exited());
     }

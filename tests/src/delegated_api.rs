@@ -18,10 +18,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,10 +31,7 @@ use spire_api::pb::spire::api::agent::delegatedidentity::v1::{
     SubscribeToX509sviDsResponse, X509svidWithKey,
 };
 use spire_api::pb::spire::api::types::{Spiffeid, X509svid};
-use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::body::Body;
 use tonic::codegen::{http, BoxFuture, StdError};
 use tonic::server::{Grpc, NamedService, ServerStreamingService};
@@ -42,6 +39,8 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::pki::{IssuedSvid, TrustDomainCa};
+use crate::unix_server::UnixServer;
+use crate::workload_api::service::async_stream;
 
 /// The gRPC service name.
 pub const SERVICE_NAME: &str = "spire.api.agent.delegatedidentity.v1.DelegatedIdentity";
@@ -122,18 +121,16 @@ fn svid_with_key(svid: &IssuedSvid) -> X509svidWithKey {
 
 /// A running stand-in of a node's SPIRE agent admin socket.
 pub struct DelegatedApiStandIn {
-    socket: PathBuf,
+    server: UnixServer,
     svid_ttl: Duration,
     state: watch::Sender<AgentState>,
-    serving: watch::Sender<bool>,
-    server: Mutex<Option<JoinHandle<()>>>,
     svid_subscriptions: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for DelegatedApiStandIn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DelegatedApiStandIn")
-            .field("socket", &self.socket)
+            .field("socket", &self.server.socket())
             .finish_non_exhaustive()
     }
 }
@@ -158,13 +155,10 @@ impl DelegatedApiStandIn {
                 .collect(),
         };
         let (state, _) = watch::channel(state);
-        let (serving, _) = watch::channel(false);
         let standin = Arc::new(Self {
-            socket: socket.as_ref().to_path_buf(),
+            server: UnixServer::new(socket.as_ref()),
             svid_ttl,
             state,
-            serving,
-            server: Mutex::new(None),
             svid_subscriptions: Arc::new(AtomicUsize::new(0)),
         });
         standin.start_serving();
@@ -173,7 +167,7 @@ impl DelegatedApiStandIn {
 
     /// The endpoint URI (`unix:/…`).
     pub fn endpoint(&self) -> String {
-        format!("unix:{}", self.socket.display())
+        format!("unix:{}", self.server.socket().display())
     }
 
     /// Changes what the agent holds.
@@ -229,37 +223,16 @@ impl DelegatedApiStandIn {
 
     /// Stops serving: open streams end with `Unavailable`, the socket is removed.
     pub async fn stop_serving(&self) {
-        self.serving.send_replace(false);
-        let handle = self.server.lock().expect("lock").take();
-        if let Some(handle) = handle {
-            let _ = handle.await;
-        }
-        let _ = std::fs::remove_file(&self.socket);
+        self.server.stop().await;
     }
 
     /// (Re)starts serving on the socket.
     pub fn start_serving(&self) {
-        let _ = std::fs::remove_file(&self.socket);
-        if let Some(dir) = self.socket.parent() {
-            std::fs::create_dir_all(dir).expect("socket dir");
-        }
-        let listener = UnixListener::bind(&self.socket).expect("bind admin socket");
-        self.serving.send_replace(true);
-        let service = DelegatedIdentityService {
+        self.server.start(DelegatedIdentityService {
             state: self.state.subscribe(),
-            serving: self.serving.subscribe(),
+            serving: self.server.serving(),
             svid_subscriptions: Arc::clone(&self.svid_subscriptions),
-        };
-        let mut stop = self.serving.subscribe();
-        let handle = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                    let _ = stop.wait_for(|s| !*s).await;
-                })
-                .await;
         });
-        *self.server.lock().expect("lock") = Some(handle);
     }
 }
 
@@ -308,8 +281,7 @@ impl DelegatedIdentityService {
     ) -> BoxStream<T> {
         let mut state = self.state.clone();
         let mut serving = self.serving.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
+        Box::pin(async_stream(move |tx| async move {
             let _guard = guard;
             let mut last: Option<T> = None;
             loop {
@@ -336,8 +308,7 @@ impl DelegatedIdentityService {
                     () = tx.closed() => return,
                 }
             }
-        });
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+        }))
     }
 }
 

@@ -13,6 +13,7 @@ pub mod http;
 pub mod pki;
 pub mod sds;
 pub mod tls_client;
+pub mod unix_server;
 pub mod upstream;
 pub mod wait;
 pub mod workload_api;

@@ -118,6 +118,24 @@ async fn wait_for_serial(envoy: &Envoy, serial: &str) {
     .await;
 }
 
+/// Waits until the node serves `envoy` an SVID and Envoy holds it; its serial.
+async fn served_and_held(sds: &RunningServer, envoy: &Envoy) -> String {
+    let mut serial = None;
+    wait_until(
+        "the workload's SVID served",
+        Duration::from_secs(10),
+        || {
+            serial = served_serial(sds, pid(envoy));
+            let found = serial.is_some();
+            async move { found }
+        },
+    )
+    .await;
+    let serial = serial.expect("serial");
+    wait_for_serial(envoy, &serial).await;
+    serial
+}
+
 /// `version_info` of the `ROOTCA` secret Envoy holds.
 async fn rootca_version(envoy: &Envoy) -> String {
     let dump: Value = serde_json::from_str(
@@ -160,19 +178,7 @@ async fn each_envoy_on_one_node_socket_holds_its_own_svid() {
     ];
     let mut serials = Vec::new();
     for (envoy, id) in expected {
-        let mut serial = None;
-        wait_until(
-            "the workload's SVID served",
-            Duration::from_secs(10),
-            || {
-                serial = served_serial(&n.sds, pid(envoy));
-                let found = serial.is_some();
-                async move { found }
-            },
-        )
-        .await;
-        let serial = serial.expect("serial");
-        wait_for_serial(envoy, &serial).await;
+        let serial = served_and_held(&n.sds, envoy).await;
         let report = n.sds.workloads();
         let entry = report.iter().find(|w| w.pid == pid(envoy)).expect("listed");
         assert_eq!(entry.spiffe_id.as_deref(), Some(id));
@@ -281,16 +287,7 @@ async fn rotation_reaches_only_its_workload_and_a_bundle_change_reaches_every_en
     let initial: Vec<String> = {
         let mut all = Vec::new();
         for envoy in [&n.server, &n.same_td, &n.cross_td] {
-            let mut serial = None;
-            wait_until("served", Duration::from_secs(10), || {
-                serial = served_serial(&n.sds, pid(envoy));
-                let found = serial.is_some();
-                async move { found }
-            })
-            .await;
-            let serial = serial.expect("serial");
-            wait_for_serial(envoy, &serial).await;
-            all.push(normalize_serial(&serial));
+            all.push(normalize_serial(&served_and_held(&n.sds, envoy).await));
         }
         all
     };
@@ -344,10 +341,7 @@ async fn rotation_reaches_only_its_workload_and_a_bundle_change_reaches_every_en
 async fn an_agent_outage_keeps_every_svid_and_an_exiting_envoy_frees_its_subscription() {
     let mut n = node().await;
     for envoy in [&n.server, &n.same_td, &n.cross_td] {
-        wait_until("served", Duration::from_secs(10), || async {
-            served_serial(&n.sds, pid(envoy)).is_some()
-        })
-        .await;
+        served_and_held(&n.sds, envoy).await;
     }
     let held: Vec<Vec<String>> =
         futures::future::join_all([&n.server, &n.same_td, &n.cross_td].map(|e| e.cert_serials()))
@@ -394,10 +388,7 @@ async fn an_agent_outage_keeps_every_svid_and_an_exiting_envoy_frees_its_subscri
 async fn inspect_lists_each_workload_and_the_identity_it_is_served() {
     let n = node().await;
     for envoy in [&n.server, &n.same_td, &n.cross_td] {
-        wait_until("served", Duration::from_secs(10), || async {
-            served_serial(&n.sds, pid(envoy)).is_some()
-        })
-        .await;
+        served_and_held(&n.sds, envoy).await;
     }
     let unregistered = pid(&n.unregistered);
     wait_until(

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tokio::process::Command;
+use trustweave_e2e::bench_sds::rss_kib;
 use trustweave_e2e::sds::SotwClient;
 
 #[derive(Parser, Debug)]
@@ -22,18 +23,6 @@ struct Args {
     /// RSS sample interval.
     #[arg(long, default_value_t = 30)]
     sample_secs: u64,
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn sibling(name: &str) -> std::path::PathBuf {

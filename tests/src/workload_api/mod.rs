@@ -9,16 +9,15 @@ pub mod proto;
 pub mod service;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::pki::{IssuedSvid, TrustDomainCa};
+use crate::unix_server::UnixServer;
 use proto::{X509BundlesResponse, X509Svid, X509SvidResponse};
 use service::WorkloadApiService;
 
@@ -73,19 +72,17 @@ impl Material {
 
 /// A running stand-in agent for one workload.
 pub struct WorkloadApiStandIn {
-    socket: PathBuf,
+    server: UnixServer,
     ca: Arc<TrustDomainCa>,
     spiffe_id: String,
     svid_ttl: Duration,
     material: watch::Sender<Option<Arc<Material>>>,
-    serving: watch::Sender<bool>,
-    server: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for WorkloadApiStandIn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkloadApiStandIn")
-            .field("socket", &self.socket)
+            .field("socket", &self.server.socket())
             .field("spiffe_id", &self.spiffe_id)
             .finish_non_exhaustive()
     }
@@ -107,15 +104,12 @@ impl WorkloadApiStandIn {
             federated: BTreeMap::new(),
         };
         let (material, _) = watch::channel(Some(Arc::new(material)));
-        let (serving, _) = watch::channel(false);
         let standin = Arc::new(Self {
-            socket: socket.as_ref().to_path_buf(),
+            server: UnixServer::new(socket.as_ref()),
             ca,
             spiffe_id: spiffe_id.to_string(),
             svid_ttl,
             material,
-            serving,
-            server: Mutex::new(None),
         });
         standin.start_serving();
         standin
@@ -123,12 +117,12 @@ impl WorkloadApiStandIn {
 
     /// The socket path.
     pub fn socket(&self) -> &Path {
-        &self.socket
+        self.server.socket()
     }
 
     /// The endpoint URI (`unix:/…`).
     pub fn endpoint(&self) -> String {
-        format!("unix:{}", self.socket.display())
+        format!("unix:{}", self.server.socket().display())
     }
 
     /// The SVID currently served.
@@ -185,33 +179,13 @@ impl WorkloadApiStandIn {
 
     /// Stops serving: open streams end with `Unavailable` and the socket is removed.
     pub async fn stop_serving(&self) {
-        self.serving.send_replace(false);
-        let handle = self.server.lock().expect("lock").take();
-        if let Some(handle) = handle {
-            let _ = handle.await;
-        }
-        let _ = std::fs::remove_file(&self.socket);
+        self.server.stop().await;
     }
 
     /// (Re)starts serving on the socket.
     pub fn start_serving(&self) {
-        let _ = std::fs::remove_file(&self.socket);
-        if let Some(dir) = self.socket.parent() {
-            std::fs::create_dir_all(dir).expect("socket dir");
-        }
-        let listener = UnixListener::bind(&self.socket).expect("bind Workload API socket");
-        self.serving.send_replace(true);
-        let service = WorkloadApiService::new(self.material.subscribe(), self.serving.subscribe());
-        let mut stop = self.serving.subscribe();
-        let handle = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                    let _ = stop.wait_for(|s| !*s).await;
-                })
-                .await;
-        });
-        *self.server.lock().expect("lock") = Some(handle);
+        let service = WorkloadApiService::new(self.material.subscribe(), self.server.serving());
+        self.server.start(service);
     }
 
     /// Rotates every `interval` until the returned task is aborted.

@@ -78,8 +78,8 @@ impl WorkloadApiService {
     }
 }
 
-/// A stream fed by a spawned producer through a small channel.
-fn async_stream<T, F, Fut>(producer: F) -> impl Stream<Item = T>
+/// A stream fed by a spawned producer through a small channel (both agent stand-ins use it).
+pub fn async_stream<T, F, Fut>(producer: F) -> impl Stream<Item = T>
 where
     T: Send + 'static,
     F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
