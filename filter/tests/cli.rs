@@ -70,7 +70,9 @@ fn check_prints_decision_policy_rule_and_annotations() {
     );
     assert!(out.contains("x-trustweave-caller-cloud: aws"), "{out}");
     assert!(
-        out.contains("baggage: cloud.provider=gcp,cloud.region=us-central1"),
+        out.contains(
+            "baggage: cloud.provider=gcp,cloud.region=us-central1,trustweave.hops=gcp:us-central1"
+        ),
         "{out}"
     );
 

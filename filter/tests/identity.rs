@@ -194,7 +194,10 @@ fn evaluate_http_strips_only_present_spoofable_headers_and_annotates() {
         .collect();
     assert!(set.contains(&("x-trustweave-caller", PEER)), "{set:?}");
     assert!(set.contains(&("x-trustweave-region", "us-central1")));
-    assert!(set.contains(&("baggage", "cloud.provider=gcp,cloud.region=us-central1")));
+    assert!(set.contains(&(
+        "baggage",
+        "cloud.provider=gcp,cloud.region=us-central1,trustweave.hops=gcp:us-central1"
+    )));
     assert_eq!(cache.parsed, 1);
     assert_eq!(
         cache.len(),

@@ -208,6 +208,25 @@ impl DelegatedApiStandIn {
         issued.expect("rotated")
     }
 
+    /// Issues every registered workload a new SVID signed by `ca` (its trust
+    /// domain's new CA) and uses `ca` for their rotations from now on.
+    pub fn reissue_all(&self, ca: &Arc<TrustDomainCa>) {
+        self.update(|state| {
+            for entry in state.workloads.values_mut() {
+                let id = entry.svids[0].spiffe_id.clone();
+                entry.svids[0] = ca.issue_svid(&id, self.svid_ttl);
+                entry.ca = Arc::clone(ca);
+            }
+        });
+    }
+
+    /// Sets the roots the agent holds for `trust_domain` (bare name).
+    pub fn set_bundle(&self, trust_domain: &str, roots: Vec<Vec<u8>>) {
+        self.update(|state| {
+            state.bundles.insert(trust_domain.to_string(), roots);
+        });
+    }
+
     /// Adds (or replaces) `ca`'s trust domain among the bundles the agent holds.
     pub fn add_bundle(&self, ca: &TrustDomainCa) {
         let (td, root) = (ca.trust_domain().to_string(), ca.root_der().to_vec());

@@ -111,6 +111,16 @@ pub fn istio_merged_fields(file: &str, filter: &str) -> serde_json::Map<String, 
     fields
 }
 
+/// The listener fields an Istio EnvoyFilter in `istio/` MERGEs into a listener
+/// (e.g. the east-west gateway's MSS clamp).
+pub fn istio_listener_fields(file: &str) -> serde_json::Map<String, Value> {
+    config_patches(file)
+        .iter()
+        .find(|p| p["applyTo"] == "LISTENER" && p["patch"]["operation"] == "MERGE")
+        .and_then(|p| p["patch"]["value"].as_object().cloned())
+        .unwrap_or_else(|| panic!("istio/{file} merges nothing into a listener"))
+}
+
 /// The HCM fields an Istio EnvoyFilter in `istio/` merges in.
 pub fn istio_hcm_fields(file: &str) -> serde_json::Map<String, Value> {
     istio_merged_fields(file, "envoy.filters.network.http_connection_manager")
@@ -141,6 +151,8 @@ pub const SIDECAR_NETWORK: &str = "envoyfilter-sidecar-network.yaml";
 pub const GATEWAY_HTTP: &str = "envoyfilter-gateway-http.yaml";
 /// `istio/` file: passthrough east-west gateway.
 pub const GATEWAY_SNI: &str = "envoyfilter-gateway-sni.yaml";
+/// `istio/` file: the east-west gateway's TCP MSS clamp.
+pub const GATEWAY_MSS: &str = "envoyfilter-gateway-mss.yaml";
 
 fn inline(text: String) -> Value {
     json!({ "inline_string": text })
@@ -376,7 +388,7 @@ fn sidecar_tcp_proxy(cluster: &str) -> Value {
     proxy
 }
 
-fn tcp_proxy(cluster: &str) -> Value {
+pub(crate) fn tcp_proxy(cluster: &str) -> Value {
     json!({
         "name": "envoy.filters.network.tcp_proxy",
         "typed_config": {

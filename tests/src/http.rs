@@ -36,6 +36,7 @@ pub async fn get(
 }
 
 /// Sends a body-less request and reads the whole response (the server closes the connection).
+/// The `host` is `addr` unless `headers` name one.
 pub async fn request(
     addr: SocketAddr,
     method: &str,
@@ -43,7 +44,13 @@ pub async fn request(
     headers: &[(&str, &str)],
 ) -> std::io::Result<HttpResponse> {
     let mut stream = TcpStream::connect(addr).await?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\n");
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        head.push_str(&format!("host: {addr}\r\n"));
+    }
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }

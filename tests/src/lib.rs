@@ -10,6 +10,7 @@ pub mod envoy;
 pub mod filter;
 pub mod filter_fixture;
 pub mod http;
+pub mod mesh;
 pub mod pki;
 pub mod sds;
 pub mod tls_client;

@@ -124,7 +124,20 @@ impl TrustDomainCa {
 
     /// A new root CA for `trust_domain` (e.g. `aws.company.com`) that signs SVIDs directly.
     pub fn new(trust_domain: &str) -> Self {
-        let params = ca_params(trust_domain, "root CA");
+        Self::named(trust_domain, "root CA")
+    }
+
+    /// The CA that takes over from this one when the trust domain rotates its
+    /// root (a new key, a distinct name, the same trust domain).
+    pub fn successor(&self) -> Self {
+        Self::named(
+            &self.trust_domain,
+            &format!("root CA {:08x}", fastrand::u32(..)),
+        )
+    }
+
+    fn named(trust_domain: &str, name: &str) -> Self {
+        let params = ca_params(trust_domain, name);
         let key = KeyPair::generate().expect("generate CA key");
         let root = params.self_signed(&key).expect("self-sign CA");
         Self {

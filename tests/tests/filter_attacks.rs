@@ -365,7 +365,7 @@ async fn baggage_members_the_filter_owns_are_replaced() {
     );
     assert_eq!(
         seen.get("baggage").map(Vec::as_slice),
-        Some(&["userId=alice,cloud.provider=gcp,cloud.region=us-central1".to_string()][..])
+        Some(&["userId=alice,cloud.provider=gcp,cloud.region=us-central1,trustweave.hops=gcp:us-central1".to_string()][..])
     );
 }
 

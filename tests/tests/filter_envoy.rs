@@ -42,7 +42,7 @@ async fn sidecar_enforces_the_multi_cloud_policy_and_annotates() {
     assert_eq!(one(&seen, "x-trustweave-region"), Some("us-central1"));
     assert_eq!(
         one(&seen, "baggage"),
-        Some("userId=alice,cloud.provider=gcp,cloud.region=us-central1")
+        Some("userId=alice,cloud.provider=gcp,cloud.region=us-central1,trustweave.hops=gcp:us-central1")
     );
     assert_eq!(
         one(&seen, "x-forwarded-client-cert"),

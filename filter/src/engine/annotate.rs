@@ -8,7 +8,9 @@
 //! Request headers name the caller and both places. The filter owns W3C
 //! `baggage`'s OpenTelemetry `cloud.provider` / `cloud.region` members: a
 //! client's are replaced by this hop's, other members are kept within W3C's
-//! limits.
+//! limits. Each hop also appends its place to the `trustweave.hops` member
+//! (`gcp:us-central1>azure:eastus`, at most [`HOPS_MAX`] hops), so a request
+//! carries the clouds it crossed — an annotation for traces, never an identity.
 
 use std::collections::BTreeMap;
 
@@ -95,8 +97,15 @@ pub enum BaggageChange {
     Remove,
 }
 
+/// The baggage member to which each hop appends `cloud:region`.
+pub const HOPS_BAGGAGE_KEY: &str = "trustweave.hops";
+/// At most this many hops are kept in [`HOPS_BAGGAGE_KEY`] (the oldest are dropped).
+pub const HOPS_MAX: usize = 16;
+/// A hop entry longer than this (from a client) is dropped.
+const HOP_MAX_BYTES: usize = 64;
+
 /// The baggage keys the filter owns.
-pub const OWNED_BAGGAGE_KEYS: [&str; 2] = ["cloud.provider", "cloud.region"];
+pub const OWNED_BAGGAGE_KEYS: [&str; 3] = ["cloud.provider", "cloud.region", HOPS_BAGGAGE_KEY];
 
 /// This hop's place as configured (each field overrides Envoy's node).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -275,22 +284,6 @@ impl Annotator {
         if !self.baggage {
             return BaggageChange::Keep;
         }
-        let mut owned = String::new();
-        for (key, value) in OWNED_BAGGAGE_KEYS
-            .into_iter()
-            .zip([&local.cloud, &local.region])
-        {
-            if let Some(value) = value {
-                if !owned.is_empty() {
-                    owned.push(',');
-                }
-                owned.push_str(key);
-                owned.push('=');
-                percent_encode_into(value, &mut owned);
-            }
-        }
-        let owned_count = owned.split(',').filter(|m| !m.is_empty()).count();
-        let is_owned = |m: &str| OWNED_BAGGAGE_KEYS.contains(&baggage_key(m));
         let members = || {
             existing
                 .into_iter()
@@ -298,6 +291,25 @@ impl Annotator {
                 .map(str::trim)
                 .filter(|m| !m.is_empty())
         };
+        let mut owned = String::new();
+        // The first two owned keys; the hops follow.
+        for (key, value) in OWNED_BAGGAGE_KEYS
+            .into_iter()
+            .zip([&local.cloud, &local.region])
+        {
+            if let Some(value) = value {
+                push_member(&mut owned, key, |out| percent_encode_into(value, b"", out));
+            }
+        }
+        let previous_hops = members()
+            .find(|m| baggage_key(m) == HOPS_BAGGAGE_KEY)
+            .and_then(|m| m.split_once('='))
+            .map(|(_, value)| value.split(';').next().unwrap_or("").trim());
+        if let Some(hops) = hops(previous_hops, local) {
+            push_member(&mut owned, HOPS_BAGGAGE_KEY, |out| out.push_str(&hops));
+        }
+        let owned_count = owned.split(',').filter(|m| !m.is_empty()).count();
+        let is_owned = |m: &str| OWNED_BAGGAGE_KEYS.contains(&baggage_key(m));
         if owned.is_empty() && !members().any(is_owned) {
             return BaggageChange::Keep;
         }
@@ -324,18 +336,51 @@ impl Annotator {
     }
 }
 
+/// Appends `key=value` (the value written by `value`) to a list of members.
+fn push_member(list: &mut String, key: &str, value: impl FnOnce(&mut String)) {
+    if !list.is_empty() {
+        list.push(',');
+    }
+    list.push_str(key);
+    list.push('=');
+    value(list);
+}
+
+/// The hops so far (a client's value, kept only where it is well formed) and
+/// this hop's `cloud:region`, the last [`HOPS_MAX`].
+fn hops(previous: Option<&str>, local: &Local) -> Option<String> {
+    let mut entries: Vec<String> = previous
+        .into_iter()
+        .flat_map(|value| value.split('>'))
+        .filter(|e| !e.is_empty() && e.len() <= HOP_MAX_BYTES && e.bytes().all(is_plain_octet))
+        .map(str::to_string)
+        .collect();
+    if local.cloud.is_some() || local.region.is_some() {
+        let mut entry = String::new();
+        percent_encode_into(local.cloud.as_deref().unwrap_or("-"), b":>", &mut entry);
+        entry.push(':');
+        percent_encode_into(local.region.as_deref().unwrap_or("-"), b":>", &mut entry);
+        entries.push(entry);
+    }
+    let skip = entries.len().saturating_sub(HOPS_MAX);
+    (entries.len() > skip).then(|| entries[skip..].join(">"))
+}
+
+/// A W3C `baggage-octet` other than `%` (which would start an escape).
+fn is_plain_octet(b: u8) -> bool {
+    matches!(b, b'!' | b'#'..=b'+' | b'-'..=b':' | b'<'..=b'[' | b']'..=b'~') && b != b'%'
+}
+
 /// The key of a W3C baggage list-member.
 fn baggage_key(member: &str) -> &str {
     member.split(['=', ';']).next().unwrap_or("").trim()
 }
 
-/// Percent-encodes into `out` what W3C baggage values may not carry raw.
-fn percent_encode_into(value: &str, out: &mut String) {
+/// Percent-encodes into `out` what W3C baggage values may not carry raw, and `also`.
+fn percent_encode_into(value: &str, also: &[u8], out: &mut String) {
     for b in value.bytes() {
         match b {
-            b'!' | b'#'..=b'+' | b'-'..=b':' | b'<'..=b'[' | b']'..=b'~' if b != b'%' => {
-                out.push(b as char)
-            }
+            b if is_plain_octet(b) && !also.contains(&b) => out.push(b as char),
             _ => {
                 const HEX: &[u8; 16] = b"0123456789ABCDEF";
                 out.push('%');
@@ -407,11 +452,11 @@ mod tests {
         let set = |v: &str| BaggageChange::Set(v.to_string());
         assert_eq!(
             a.baggage(None, &local),
-            set("cloud.provider=gcp,cloud.region=us-central1")
+            set("cloud.provider=gcp,cloud.region=us-central1,trustweave.hops=gcp:us-central1")
         );
         assert_eq!(
             a.baggage(Some("userId=alice, cloud.provider=aws;prop=1"), &local),
-            set("userId=alice,cloud.provider=gcp,cloud.region=us-central1"),
+            set("userId=alice,cloud.provider=gcp,cloud.region=us-central1,trustweave.hops=gcp:us-central1"),
             "the client's cloud.provider is replaced"
         );
         assert_eq!(
@@ -428,18 +473,54 @@ mod tests {
             panic!("set")
         };
         assert_eq!(value.split(',').count(), BAGGAGE_MAX_MEMBERS);
-        assert!(value.ends_with("cloud.provider=gcp,cloud.region=us-central1"));
+        assert!(value.ends_with(
+            "cloud.provider=gcp,cloud.region=us-central1,trustweave.hops=gcp:us-central1"
+        ));
         let big = format!("k={}", "v".repeat(8180));
         let BaggageChange::Set(value) = a.baggage(Some(&big), &local) else {
             panic!("set")
         };
         assert!(value.len() <= BAGGAGE_MAX_BYTES, "{}", value.len());
-        assert_eq!(value, "cloud.provider=gcp,cloud.region=us-central1");
+        assert_eq!(
+            value,
+            "cloud.provider=gcp,cloud.region=us-central1,trustweave.hops=gcp:us-central1"
+        );
         let spaced = Local {
             region: Some("eu west,1".into()),
             ..Default::default()
         };
-        assert_eq!(a.baggage(None, &spaced), set("cloud.region=eu%20west%2C1"));
+        assert_eq!(
+            a.baggage(None, &spaced),
+            set("cloud.region=eu%20west%2C1,trustweave.hops=-:eu%20west%2C1")
+        );
+    }
+
+    #[test]
+    fn each_hop_appends_its_place_and_a_clients_hops_stay_bounded() {
+        let a = annotator(None);
+        let local = Local {
+            cloud: Some("azure".into()),
+            region: Some("east:us>1".into()),
+            ..Default::default()
+        };
+        let set = |v: &str| BaggageChange::Set(v.to_string());
+        assert_eq!(
+            a.baggage(Some("trustweave.hops=aws:us-east-1>gcp:us-central1;p=1,k=v"), &local),
+            set("k=v,cloud.provider=azure,cloud.region=east:us>1,trustweave.hops=aws:us-east-1>gcp:us-central1>azure:east%3Aus%3E1")
+        );
+        // Malformed entries (a `%`, too long) are dropped, and only the last HOPS_MAX kept.
+        let long = "x".repeat(HOP_MAX_BYTES + 1);
+        let many: Vec<String> = (0..40).map(|i| format!("c{i}:r")).collect();
+        let client = format!("trustweave.hops=%41:b>{long}>{}", many.join(">"));
+        let BaggageChange::Set(value) = a.baggage(Some(&client), &Local::default()) else {
+            panic!("set")
+        };
+        let hops = value
+            .strip_prefix("trustweave.hops=")
+            .expect("only the hops");
+        let kept: Vec<&str> = hops.split('>').collect();
+        assert_eq!(kept.len(), HOPS_MAX);
+        assert_eq!(kept.last(), Some(&"c39:r"));
     }
 
     #[test]

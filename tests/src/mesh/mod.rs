@@ -1,0 +1,515 @@
+//! The cross-cloud mesh on one machine: three federated clouds (AWS, GCP,
+//! Azure, each its own trust domain and SPIRE) and an on-prem domain nobody
+//! federates with. Per cloud: SPIRE (server, node agent, bundle endpoint), one
+//! node-level `trustweave-sds` process, two workloads (a service and a
+//! caller), each an app behind its own sidecar Envoy, and an east-west gateway
+//! Envoy on `15443`. Each cloud has its own loopback addresses
+//! (`127.<subnet>.<cloud>.<host>`), so meshes with different subnets can run
+//! side by side; the gateway keeps its address across restarts.
+//!
+//! Used by the end-to-end test (`tests/tests/mesh.rs`) and `make demo`.
+
+pub mod app;
+pub mod bootstrap;
+pub mod bundle_endpoint;
+pub mod node_sds;
+pub mod otlp;
+pub mod spire;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::envoy::Envoy;
+use crate::http::{self, HttpResponse};
+use app::App;
+use bootstrap::Route;
+use node_sds::NodeSds;
+use otlp::OtlpReceiver;
+use spire::SpireStandIn;
+
+/// A workload of the plan.
+#[derive(Clone, Debug)]
+pub struct WorkloadPlan {
+    /// Service name (`search`).
+    pub name: &'static str,
+    /// Namespace.
+    pub namespace: &'static str,
+    /// Service account.
+    pub service_account: &'static str,
+    /// Last octet of its pod address.
+    pub pod: u8,
+}
+
+/// A cloud of the plan.
+#[derive(Clone, Debug)]
+pub struct CloudPlan {
+    /// Short name (`aws`), also the `istio/clouds/<name>/` directory.
+    pub name: &'static str,
+    /// Trust domain.
+    pub trust_domain: &'static str,
+    /// Region.
+    pub region: &'static str,
+    /// Whether it federates with the other federated clouds (on-prem does not).
+    pub federated: bool,
+    /// Its workloads: the service first, then the caller.
+    pub workloads: Vec<WorkloadPlan>,
+}
+
+impl WorkloadPlan {
+    /// Its SPIFFE ID in `trust_domain`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+
+    /// Its service host.
+    pub fn host(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+
+    /// The SNI Istio uses for it.
+    pub fn sni(&self) -> String {
+        format!("outbound_.8080_._.{}", self.host())
+    }
+}
+
+fn workload(
+    name: &'static str,
+    namespace: &'static str,
+    service_account: &'static str,
+    pod: u8,
+) -> WorkloadPlan {
+    WorkloadPlan {
+        name,
+        namespace,
+        service_account,
+        pod,
+    }
+}
+
+/// The plan of the users' multi-cloud guide.
+pub fn plan() -> Vec<CloudPlan> {
+    vec![
+        CloudPlan {
+            name: "aws",
+            trust_domain: "aws.company.com",
+            region: "us-east-1",
+            federated: true,
+            workloads: vec![
+                workload("collector", "ops", "collector", 10),
+                workload("orchestrator", "ops", "orchestrator", 20),
+            ],
+        },
+        CloudPlan {
+            name: "gcp",
+            trust_domain: "gcp.company.com",
+            region: "us-central1",
+            federated: true,
+            workloads: vec![
+                workload("search", "search", "search-worker", 10),
+                workload("indexer", "search", "indexer", 20),
+            ],
+        },
+        CloudPlan {
+            name: "azure",
+            trust_domain: "azure.company.com",
+            region: "eastus",
+            federated: true,
+            workloads: vec![
+                workload("processor", "processing", "processor", 10),
+                workload("reporter", "analytics", "reporter", 20),
+            ],
+        },
+        CloudPlan {
+            name: "onprem",
+            trust_domain: "onprem.company.com",
+            region: "dc1",
+            federated: false,
+            workloads: vec![workload("legacy", "legacy", "client", 20)],
+        },
+    ]
+}
+
+/// Ports, as Istio uses them.
+pub mod ports {
+    /// Sidecar inbound.
+    pub const INBOUND: u16 = 15006;
+    /// Sidecar outbound.
+    pub const OUTBOUND: u16 = 15001;
+    /// The app.
+    pub const APP: u16 = 8080;
+    /// East-west gateway.
+    pub const GATEWAY: u16 = 15443;
+    /// SPIRE server bundle endpoint.
+    pub const BUNDLE_ENDPOINT: u16 = 8443;
+    /// trustweave-sds admin.
+    pub const SDS_ADMIN: u16 = 15200;
+}
+
+/// Options of a mesh.
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    /// Working directory (sockets, configurations, logs).
+    pub dir: PathBuf,
+    /// Second octet of every address: meshes with different subnets do not collide.
+    pub subnet: u8,
+    /// `bundle_endpoint_refresh_interval` of every federation.
+    pub refresh: Duration,
+    /// Lifetime of issued SVIDs.
+    pub svid_ttl: Duration,
+    /// The trustweave-sds binary.
+    pub sds_bin: PathBuf,
+}
+
+impl MeshOptions {
+    /// Defaults for `dir` and `subnet`: 1 s refresh, 1 h SVIDs, the built trustweave-sds.
+    pub fn new(dir: &Path, subnet: u8) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            subnet,
+            refresh: Duration::from_secs(1),
+            svid_ttl: Duration::from_secs(3600),
+            sds_bin: node_sds::binary(),
+        }
+    }
+}
+
+/// One running workload.
+pub struct Workload {
+    /// Its plan.
+    pub plan: WorkloadPlan,
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// The app.
+    pub app: App,
+    /// Its sidecar.
+    pub sidecar: Envoy,
+    /// The sidecar's outbound listener (where its app sends requests).
+    pub outbound: SocketAddr,
+}
+
+/// One running cloud.
+pub struct Cloud {
+    /// Its plan.
+    pub plan: CloudPlan,
+    /// Its SPIRE.
+    pub spire: Arc<SpireStandIn>,
+    /// Its node's trustweave-sds.
+    pub sds: NodeSds,
+    /// Its workloads (service first).
+    pub workloads: Vec<Workload>,
+    /// Its east-west gateway (none on-prem).
+    pub gateway: Option<Envoy>,
+    /// The gateway's address.
+    pub gateway_addr: SocketAddr,
+    gateway_bootstrap: Value,
+}
+
+impl Cloud {
+    /// The workload named `name`.
+    pub fn workload(&self, name: &str) -> &Workload {
+        self.workloads
+            .iter()
+            .find(|w| w.plan.name == name)
+            .unwrap_or_else(|| panic!("{} has no workload {name}", self.plan.name))
+    }
+
+    /// The service (first workload).
+    pub fn service(&self) -> &Workload {
+        &self.workloads[0]
+    }
+
+    /// The caller (last workload).
+    pub fn caller(&self) -> &Workload {
+        self.workloads.last().expect("a workload")
+    }
+
+    /// The trust domains this cloud federates with.
+    pub fn federates_with(&self, all: &[CloudPlan]) -> Vec<&'static str> {
+        federation_peers(&self.plan, all)
+    }
+
+    /// Restarts the east-west gateway (a new process on the same address).
+    pub async fn restart_gateway(&mut self, dir: &Path) {
+        self.gateway = None; // killed on drop
+        let name = format!("{}-eastwest", self.plan.name);
+        wait_for_port_free(self.gateway_addr).await;
+        let gateway = Envoy::start(&name, dir, &self.gateway_bootstrap).await;
+        gateway.wait_live().await;
+        self.gateway = Some(gateway);
+    }
+}
+
+fn federation_peers(cloud: &CloudPlan, all: &[CloudPlan]) -> Vec<&'static str> {
+    all.iter()
+        .filter(|c| c.name != cloud.name && c.federated)
+        .map(|c| c.trust_domain)
+        .collect()
+}
+
+async fn wait_for_port_free(addr: SocketAddr) {
+    crate::wait::wait_until(
+        &format!("{addr} free"),
+        Duration::from_secs(10),
+        || async move { std::net::TcpListener::bind(addr).is_ok() },
+    )
+    .await;
+}
+
+/// The running mesh.
+pub struct Mesh {
+    /// Its options.
+    pub options: MeshOptions,
+    /// The clouds, in plan order (on-prem last).
+    pub clouds: Vec<Cloud>,
+    /// Where every Envoy exports spans.
+    pub otlp: OtlpReceiver,
+}
+
+/// The answer to a call.
+#[derive(Debug)]
+pub struct Call {
+    /// HTTP status at the caller.
+    pub status: u16,
+    /// The answer's JSON (the echo of the headers received, and what was relayed).
+    pub body: Value,
+    /// The raw response.
+    pub response: HttpResponse,
+}
+
+impl Call {
+    /// The first value of header `name` the called service received.
+    pub fn received(&self, name: &str) -> Option<&str> {
+        self.body["headers"][name][0].as_str()
+    }
+}
+
+impl Mesh {
+    /// The address of host `host` of cloud number `cloud` (0-based).
+    pub fn address(&self, cloud: usize, host: u8) -> IpAddr {
+        address(self.options.subnet, cloud, host)
+    }
+
+    /// Cloud `name`.
+    pub fn cloud(&self, name: &str) -> &Cloud {
+        self.clouds
+            .iter()
+            .find(|c| c.plan.name == name)
+            .unwrap_or_else(|| panic!("no cloud {name}"))
+    }
+
+    /// Cloud `name`, mutable.
+    pub fn cloud_mut(&mut self, name: &str) -> &mut Cloud {
+        self.clouds
+            .iter_mut()
+            .find(|c| c.plan.name == name)
+            .unwrap_or_else(|| panic!("no cloud {name}"))
+    }
+
+    /// Builds and starts everything; returns once every Envoy is `LIVE`.
+    pub async fn start(options: MeshOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&options.dir)?;
+        let plan = plan();
+        let otlp = OtlpReceiver::start().await;
+        let subnet = options.subnet;
+
+        // SPIRE per cloud, then federation (on-prem trusts the clouds; nobody trusts on-prem).
+        let mut spires = Vec::new();
+        for (i, cloud) in plan.iter().enumerate() {
+            let dir = options.dir.join(cloud.name);
+            std::fs::create_dir_all(&dir)?;
+            spires.push(
+                SpireStandIn::start(
+                    cloud.trust_domain,
+                    &dir.join("admin.sock"),
+                    &node_sds::delegate_id(cloud.trust_domain),
+                    SocketAddr::new(address(subnet, i, 2), ports::BUNDLE_ENDPOINT),
+                    options.refresh,
+                    options.svid_ttl,
+                )
+                .await,
+            );
+        }
+        for (i, spire) in spires.iter().enumerate() {
+            for (j, peer) in plan.iter().enumerate() {
+                if i != j && peer.federated {
+                    spire.federate_with(
+                        peer.trust_domain,
+                        spires[j].endpoint().addr(),
+                        spires[j].roots(),
+                    );
+                }
+            }
+        }
+
+        // Every service's route: its pod in its own cloud, its cloud's gateway from elsewhere.
+        let route = |from: usize| -> Vec<Route> {
+            plan.iter()
+                .enumerate()
+                .filter(|(_, c)| c.federated)
+                .flat_map(|(i, c)| {
+                    c.workloads.iter().map(move |w| Route {
+                        host: w.host(),
+                        sni: w.sni(),
+                        spiffe_id: w.spiffe_id(c.trust_domain),
+                        endpoint: if i == from {
+                            SocketAddr::new(address(subnet, i, w.pod), ports::INBOUND)
+                        } else {
+                            SocketAddr::new(address(subnet, i, 1), ports::GATEWAY)
+                        },
+                    })
+                })
+                .collect()
+        };
+
+        let mut clouds = Vec::new();
+        for ((i, cloud), spire) in plan.iter().enumerate().zip(spires) {
+            let dir = options.dir.join(cloud.name);
+            let sds = NodeSds::start(
+                &options.sds_bin,
+                &dir,
+                &spire,
+                SocketAddr::new(address(subnet, i, 3), ports::SDS_ADMIN),
+            )
+            .await?;
+            let routes = route(i);
+            let peers = federation_peers(cloud, &plan);
+            let mut workloads = Vec::new();
+            for w in &cloud.workloads {
+                let pod = address(subnet, i, w.pod);
+                let outbound = SocketAddr::new(pod, ports::OUTBOUND);
+                let service_name = format!("{}.{}", w.name, cloud.name);
+                let app =
+                    App::start(SocketAddr::new(pod, ports::APP), &service_name, outbound).await;
+                let filter = cloud.federated.then(|| {
+                    crate::filter::istio_filter(&format!(
+                        "clouds/{}/{}",
+                        cloud.name,
+                        crate::filter::SIDECAR_HTTP
+                    ))
+                });
+                let node_id = format!(
+                    "sidecar~{pod}~{}.{}~{}.svc.cluster.local",
+                    w.name, w.namespace, w.namespace
+                );
+                let config = bootstrap::sidecar(&bootstrap::Sidecar {
+                    node_id: &node_id,
+                    service_name: &service_name,
+                    region: cloud.region,
+                    inbound: SocketAddr::new(pod, ports::INBOUND),
+                    outbound,
+                    app: app.addr(),
+                    filter,
+                    routes: &routes,
+                    sds_socket: sds.socket(),
+                    otlp: otlp.addr(),
+                });
+                let sidecar =
+                    Envoy::start(&format!("{}-{}", cloud.name, w.name), &options.dir, &config)
+                        .await;
+                let pid = sidecar
+                    .pid()
+                    .ok_or_else(|| anyhow::anyhow!("sidecar PID"))?;
+                let spiffe_id = w.spiffe_id(cloud.trust_domain);
+                spire.register(pid, &spiffe_id, &peers);
+                workloads.push(Workload {
+                    plan: w.clone(),
+                    spiffe_id,
+                    app,
+                    sidecar,
+                    outbound,
+                });
+            }
+            let gateway_addr = SocketAddr::new(address(subnet, i, 1), ports::GATEWAY);
+            let chains: Vec<(String, SocketAddr)> = cloud
+                .workloads
+                .iter()
+                .map(|w| {
+                    (
+                        w.sni(),
+                        SocketAddr::new(address(subnet, i, w.pod), ports::INBOUND),
+                    )
+                })
+                .collect();
+            let gateway_bootstrap = bootstrap::eastwest_gateway(
+                &format!("router~{}~eastwest", address(subnet, i, 1)),
+                cloud.region,
+                gateway_addr,
+                &chains,
+            );
+            let gateway = if cloud.federated {
+                Some(
+                    Envoy::start(
+                        &format!("{}-eastwest", cloud.name),
+                        &options.dir,
+                        &gateway_bootstrap,
+                    )
+                    .await,
+                )
+            } else {
+                None
+            };
+            clouds.push(Cloud {
+                plan: cloud.clone(),
+                spire,
+                sds,
+                workloads,
+                gateway,
+                gateway_addr,
+                gateway_bootstrap,
+            });
+        }
+        for cloud in &clouds {
+            for w in &cloud.workloads {
+                w.sidecar.wait_live().await;
+            }
+            if let Some(gateway) = &cloud.gateway {
+                gateway.wait_live().await;
+            }
+        }
+        Ok(Self {
+            options,
+            clouds,
+            otlp,
+        })
+    }
+
+    /// `from`'s caller (or the workload named `workload`) calls `host` asking for `action`.
+    pub async fn call_from(
+        &self,
+        from: &str,
+        workload: &str,
+        host: &str,
+        action: &str,
+        extra: &[(&str, &str)],
+    ) -> std::io::Result<Call> {
+        let source = self.cloud(from).workload(workload);
+        let mut headers = vec![("host", host), (app::ACTION_HEADER, action)];
+        headers.extend_from_slice(extra);
+        let response = http::get(source.outbound, "/", &headers).await?;
+        let body = serde_json::from_str(&response.body).unwrap_or(Value::Null);
+        Ok(Call {
+            status: response.status,
+            body,
+            response,
+        })
+    }
+
+    /// `from`'s caller calls `to`'s service asking for `action`.
+    pub async fn call(&self, from: &str, to: &str, action: &str) -> std::io::Result<Call> {
+        let caller = self.cloud(from).caller().plan.name;
+        let host = self.cloud(to).service().plan.host();
+        self.call_from(from, caller, &host, action, &[]).await
+    }
+}
+
+/// `127.<subnet>.<cloud + 1>.<host>`.
+pub fn address(subnet: u8, cloud: usize, host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, subnet, cloud as u8 + 1, host))
+}
