@@ -235,6 +235,17 @@ impl DelegatedApiStandIn {
         });
     }
 
+    /// The roots the agent holds for `trust_domain` (bare name).
+    pub fn bundle(&self, trust_domain: &str) -> Option<Vec<Vec<u8>>> {
+        self.state.borrow().bundles.get(trust_domain).cloned()
+    }
+
+    /// The serial (lower-case hex) of the SVID `pid` is issued now.
+    pub fn svid_serial(&self, pid: u32) -> Option<String> {
+        let state = self.state.borrow();
+        Some(state.workloads.get(&pid)?.svids.first()?.serial_hex.clone())
+    }
+
     /// Open `SubscribeToX509SVIDs` streams.
     pub fn svid_subscriptions(&self) -> usize {
         self.svid_subscriptions.load(Ordering::SeqCst)

@@ -10,6 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
+use trustweave_e2e::envoy::{normalize_serial, Envoy};
+use trustweave_e2e::http;
 use trustweave_e2e::mesh::{Mesh, MeshOptions};
 use trustweave_e2e::wait::wait_until;
 
@@ -253,63 +257,308 @@ async fn the_multi_cloud_scenario_across_three_federated_clouds() {
     }
 }
 
-/// Calls `from` → `to` in a loop until stopped; counts successes and failures.
+/// `ping` calls between clouds in a loop until dropped; every failure is kept.
 struct Traffic {
     ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
     failures: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Traffic {
-    fn start(
-        mesh: &Arc<Mesh>,
-        pairs: &[(&'static str, &'static str)],
-        stop: tokio::sync::watch::Receiver<bool>,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
-        let traffic = Self {
-            ok: Arc::default(),
-            failed: Arc::default(),
-            failures: Arc::default(),
-        };
-        let (ok, failed, failures) = (
-            Arc::clone(&traffic.ok),
-            Arc::clone(&traffic.failed),
-            Arc::clone(&traffic.failures),
-        );
-        let (mesh, pairs) = (Arc::clone(mesh), pairs.to_vec());
+    /// Calls each `(from, to)` pair's service in turn, until dropped.
+    fn start(mesh: &Mesh, pairs: &[(&str, &str)]) -> Self {
+        let targets: Vec<(String, SocketAddr, String)> = pairs
+            .iter()
+            .map(|(from, to)| {
+                (
+                    format!("{from} → {to}"),
+                    mesh.cloud(from).caller().outbound,
+                    mesh.cloud(to).service().plan.host(),
+                )
+            })
+            .collect();
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let (ok_count, failed) = (Arc::clone(&ok), Arc::clone(&failures));
         let task = tokio::spawn(async move {
-            while !*stop.borrow() {
-                for (from, to) in &pairs {
-                    match mesh.call(from, to, "ping").await {
-                        Ok(call) if call.status == 200 => {
-                            ok.fetch_add(1, Ordering::SeqCst);
+            loop {
+                for (label, outbound, host) in &targets {
+                    let headers = [("host", host.as_str()), ("x-trustweave-action", "ping")];
+                    match http::get(*outbound, "/", &headers).await {
+                        Ok(r) if r.status == 200 => {
+                            ok_count.fetch_add(1, Ordering::SeqCst);
                         }
-                        other => {
-                            failed.fetch_add(1, Ordering::SeqCst);
-                            failures
-                                .lock()
-                                .expect("failures")
-                                .push(format!("{from} → {to}: {other:?}"));
-                        }
+                        other => failed
+                            .lock()
+                            .expect("failures")
+                            .push(format!("{label}: {other:?}")),
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
-        (traffic, task)
+        Self { ok, failures, task }
     }
 
     fn ok(&self) -> u64 {
         self.ok.load(Ordering::SeqCst)
     }
 
-    fn assert_nothing_failed(&self) {
+    /// Waits until `n` more calls have succeeded.
+    async fn wait_for_successes(&self, n: u64) {
+        let target = self.ok() + n;
+        wait_until("calls succeeding", Duration::from_secs(20), || {
+            let done = self.ok() >= target;
+            async move { done }
+        })
+        .await;
+    }
+
+    /// Stops and asserts that no call failed.
+    fn stop_and_assert_nothing_failed(self, what: &str) {
+        self.task.abort();
         let failures = self.failures.lock().expect("failures");
         assert!(
             failures.is_empty(),
-            "{} failed calls: {:#?}",
+            "{what}: {} calls failed ({} succeeded), first: {:#?}",
             failures.len(),
-            &failures[..failures.len().min(5)]
+            self.ok(),
+            &failures[..failures.len().min(3)]
         );
     }
+}
+
+/// Serial numbers of the CA certificates Envoy validates peers with (`/certs`).
+async fn trusted_roots(envoy: &Envoy) -> BTreeSet<String> {
+    let certs: serde_json::Value =
+        serde_json::from_str(&envoy.admin_get("/certs").await).expect("certs json");
+    certs["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["ca_cert"].as_array().into_iter().flatten())
+        .filter_map(|c| c["serial_number"].as_str())
+        .map(normalize_serial)
+        .collect()
+}
+
+fn serial_of(der: &[u8]) -> String {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).expect("cert");
+    normalize_serial(&cert.raw_serial_as_string().replace(':', ""))
+}
+
+/// Waits until every workload Envoy of the federated clouds trusts exactly `roots` for gcp.
+async fn wait_for_trust(mesh: &Mesh, present: &str, absent: Option<&str>) {
+    for cloud in FEDERATED {
+        for w in &mesh.cloud(cloud).workloads {
+            wait_until(
+                &format!("{} trusts the new GCP root", w.plan.name),
+                Duration::from_secs(30),
+                || async {
+                    let roots = trusted_roots(&w.sidecar).await;
+                    roots.contains(present) && absent.is_none_or(|a| !roots.contains(a))
+                },
+            )
+            .await;
+        }
+    }
+}
+
+async fn all_pids(mesh: &Mesh) -> Vec<Option<u32>> {
+    let mut pids = Vec::new();
+    for cloud in &mesh.clouds {
+        pids.push(cloud.sds.pid());
+        pids.extend(cloud.workloads.iter().map(|w| w.sidecar.pid()));
+        pids.push(cloud.gateway.as_ref().and_then(Envoy::pid));
+    }
+    pids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_survives_ca_rotation_outages_and_restarts() {
+    let (dir, mut mesh) = mesh(72).await;
+    let everywhere = [
+        ("aws", "gcp"),
+        ("gcp", "azure"),
+        ("azure", "aws"),
+        ("gcp", "aws"),
+        ("azure", "gcp"),
+    ];
+
+    // A remote CA rotation, with SPIRE's overlap: nothing fails at any step.
+    let traffic = Traffic::start(&mesh, &everywhere);
+    let gcp = std::sync::Arc::clone(&mesh.cloud("gcp").spire);
+    let old_root = serial_of(&gcp.roots()[0]);
+    let next = gcp.prepare_ca_rotation();
+    let new_root = serial_of(next.root_der());
+    wait_for_trust(&mesh, &new_root, None).await; // the bundle refresh carried it everywhere
+    traffic.wait_for_successes(10).await;
+    gcp.activate_next_ca();
+    let search = mesh.cloud("gcp").service();
+    let pid = search.sidecar.pid().expect("pid");
+    let serial = normalize_serial(&gcp.agent().svid_serial(pid).expect("issued"));
+    wait_until(
+        "GCP's search holds its new SVID",
+        Duration::from_secs(20),
+        || async { search.sidecar.cert_serials().await.contains(&serial) },
+    )
+    .await;
+    traffic.wait_for_successes(10).await;
+    gcp.retire_old_ca();
+    wait_for_trust(&mesh, &new_root, Some(&old_root)).await;
+    traffic.wait_for_successes(10).await;
+    traffic.stop_and_assert_nothing_failed("CA rotation");
+
+    // A SPIRE (server and agent) stops for 30 s: no handshake fails while SVIDs are valid.
+    let traffic = Traffic::start(&mesh, &everywhere);
+    let azure = mesh.cloud("azure");
+    azure.spire.stop().await;
+    wait_until(
+        "Azure's trustweave-sds sees its agent gone",
+        Duration::from_secs(10),
+        || async {
+            azure
+                .sds
+                .metric("trustweave_sds_delegated_api_connected")
+                .await
+                == Some(0.0)
+        },
+    )
+    .await;
+    let outage = tokio::time::Instant::now() + Duration::from_secs(30);
+    tokio::time::sleep_until(outage).await;
+    azure.spire.resume();
+    wait_until(
+        "Azure's trustweave-sds reconnects",
+        Duration::from_secs(20),
+        || async {
+            azure
+                .sds
+                .metric("trustweave_sds_delegated_api_connected")
+                .await
+                == Some(1.0)
+        },
+    )
+    .await;
+    assert!(
+        mesh.cloud("aws").spire.polls("azure.company.com").failed > 0,
+        "the outage reached federation"
+    );
+    traffic.wait_for_successes(10).await;
+    traffic.stop_and_assert_nothing_failed("SPIRE outage");
+
+    // An SDS server restarts: Envoys keep their certificates, nothing else restarts.
+    let traffic = Traffic::start(&mesh, &everywhere);
+    let before = all_pids(&mesh).await;
+    let gcp_sds_pid = mesh.cloud("gcp").sds.pid();
+    mesh.cloud_mut("gcp").sds.restart().await.expect("restart");
+    let sds = &mesh.cloud("gcp").sds;
+    wait_until(
+        "the new trustweave-sds serves both GCP workloads",
+        Duration::from_secs(20),
+        || async { sds.metric("trustweave_sds_workloads").await == Some(2.0) },
+    )
+    .await;
+    traffic.wait_for_successes(10).await;
+    traffic.stop_and_assert_nothing_failed("SDS restart");
+    let after = all_pids(&mesh).await;
+    assert_ne!(mesh.cloud("gcp").sds.pid(), gcp_sds_pid);
+    let changed: Vec<usize> = (0..before.len())
+        .filter(|i| before[*i] != after[*i])
+        .collect();
+    assert_eq!(
+        changed.len(),
+        1,
+        "only the SDS server restarted: {before:?} → {after:?}"
+    );
+
+    // An east-west gateway restarts: calls through it resume, nothing else restarts.
+    let before = all_pids(&mesh).await;
+    mesh.cloud_mut("azure").restart_gateway(dir.path()).await;
+    for from in ["aws", "gcp"] {
+        let call = mesh.call(from, "azure", "process").await.expect("call");
+        assert_ne!(
+            call.status, 503,
+            "{from} → azure after the gateway restart: {:?}",
+            call.response
+        );
+    }
+    let call = mesh.call("aws", "azure", "process").await.expect("call");
+    assert_eq!(call.status, 200, "{:?}", call.response);
+    let after = all_pids(&mesh).await;
+    let changed: Vec<usize> = (0..before.len())
+        .filter(|i| before[*i] != after[*i])
+        .collect();
+    assert_eq!(
+        changed.len(),
+        1,
+        "only the gateway restarted: {before:?} → {after:?}"
+    );
+
+    // MTU: the gateway's sockets are clamped to MSS 1300.
+    let gateway = mesh.cloud("gcp").gateway_addr;
+    let held = tokio::net::TcpStream::connect(gateway)
+        .await
+        .expect("connect");
+    let ss = std::process::Command::new("ss")
+        .args([
+            "-tinH",
+            "state",
+            "established",
+            &format!(
+                "( sport = :{} or dport = :{} )",
+                gateway.port(),
+                gateway.port()
+            ),
+        ])
+        .output()
+        .expect("ss");
+    drop(held);
+    let text = String::from_utf8_lossy(&ss.stdout);
+    let advmss: Vec<u32> = text
+        .split_whitespace()
+        .filter_map(|field| field.strip_prefix("advmss:")?.parse().ok())
+        .collect();
+    assert!(
+        advmss.iter().any(|mss| (1200..=1300).contains(mss)),
+        "the gateway's accepted socket advertises MSS ≤ 1300: {text}"
+    );
+
+    // A bundle endpoint unreachable past its refresh: calls go on with the last bundle.
+    let traffic = Traffic::start(&mesh, &everywhere);
+    let aws = std::sync::Arc::clone(&mesh.cloud("aws").spire);
+    let failed_before = aws.polls("gcp.company.com").failed;
+    gcp.endpoint().set_serving(false);
+    wait_until(
+        "three failed refreshes of GCP's bundle",
+        Duration::from_secs(20),
+        || {
+            let done = aws.polls("gcp.company.com").failed >= failed_before + 3;
+            async move { done }
+        },
+    )
+    .await;
+    traffic.wait_for_successes(10).await;
+    traffic.stop_and_assert_nothing_failed("bundle endpoint unreachable");
+
+    // The federation removed on purpose: AWS ↔ GCP fail at the handshake.
+    aws.remove_federation("gcp.company.com");
+    let orchestrator = mesh.cloud("aws").caller();
+    let refused = "cluster.outbound|8080||search.search.svc.cluster.local.ssl.fail_verify_error";
+    wait_until(
+        "AWS no longer trusts GCP",
+        Duration::from_secs(20),
+        || async {
+            let call = mesh.call("aws", "gcp", "ping").await.expect("call");
+            call.status == 503 && orchestrator.sidecar.counter(refused).await > 0
+        },
+    )
+    .await;
+    let ok = mesh.call("aws", "azure", "ping").await.expect("call");
+    assert_eq!(
+        ok.status, 200,
+        "AWS ↔ Azure still federated: {:?}",
+        ok.response
+    );
 }
