@@ -23,7 +23,8 @@ wasm: setup
 	cargo build -p trustweave-filter --lib --target wasm32-wasip1 --profile wasm --no-default-features
 	@ls -l $(WASM) $(WASM_REGO) | awk '{print $$9 ": " $$5 " bytes"}'
 
-## Local two-trust-domain demo: SPIRE agent stand-ins → trustweave-sds → real Envoy.
+## The cross-cloud mesh on this machine (three federated clouds and on-prem), with a report;
+## keeps running until Ctrl-C (`./target/debug/trustweave-demo --once` exits after the report).
 demo: build
 	./target/debug/trustweave-demo
 

@@ -1,225 +1,233 @@
-//! `trustweave-demo`: the whole stack on one machine, as on a Kubernetes node.
+//! `trustweave-demo` (`make demo`): the cross-cloud mesh on this machine, as
+//! the users' multi-cloud guide runs it on three clusters.
 //!
-//! A SPIRE agent stand-in (its Delegated Identity API, holding the bundles of
-//! `aws.company.com` and `gcp.company.com`, federated) → one node-mode
-//! `trustweave-sds` process → two real Envoys on its one socket, each attested
-//! by its PID and served its own SVID. Prints what the node serves each
-//! workload (`trustweave-sds inspect --workloads`) and what each Envoy holds
-//! (`/certs`), a cross-domain mTLS request, and a live rotation of one
-//! workload. `--hold` keeps everything running until Ctrl-C.
+//! AWS, GCP and Azure — each its own SPIFFE trust domain with its own SPIRE
+//! (stand-in), federated through SPIFFE bundle endpoints — and on-prem, which
+//! nobody federates with. Per cloud: one node-level trustweave-sds, two
+//! workloads behind real Envoy sidecars running trustweave-filter with the
+//! configuration `istio/clouds/<cloud>/` ships, and an east-west gateway.
+//! Everything listens on loopback (`127.<subnet>.<cloud>.<host>`); no root.
+//!
+//! Prints a table of calls (from → to, action, decision, latency), what each
+//! service received on a round trip AWS → GCP → Azure → AWS, and what each
+//! node's trustweave-sds serves each Envoy (`trustweave-sds inspect`).
+//! `--once` exits after the report; otherwise it keeps running and says how
+//! to call into it.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use serde_json::Value;
-use tokio::process::{Child, Command};
-use trustweave_e2e::delegated_api::DelegatedApiStandIn;
-use trustweave_e2e::envoy::{self, Envoy};
-use trustweave_e2e::http;
-use trustweave_e2e::pki::TrustDomainCa;
+use tokio::process::Command;
+use trustweave_e2e::mesh::{ports, Call, Mesh, MeshOptions};
 
-const CLIENT_ID: &str = "spiffe://aws.company.com/ns/checkout/sa/client";
-const SERVER_ID: &str = "spiffe://gcp.company.com/ns/inventory/sa/server";
-const SDS_ID: &str = "spiffe://aws.company.com/ns/spire/sa/trustweave-sds";
-const ADMIN: &str = "127.0.0.1:15201";
-
-/// Local node-mode demo of trustweave-sds with real Envoy, two federated trust domains.
+/// The cross-cloud mesh on one machine, with a report.
 #[derive(Parser, Debug)]
 struct Args {
-    /// Working directory for sockets, configs and logs.
+    /// Working directory for sockets, configurations and logs.
     #[arg(long, default_value = "/tmp/trustweave-demo")]
     dir: PathBuf,
     /// The trustweave-sds binary (default: next to this one).
     #[arg(long, env = "TRUSTWEAVE_SDS_BIN")]
     sds_bin: Option<PathBuf>,
-    /// Keep running after the demo until Ctrl-C.
+    /// Second octet of every address (127.<subnet>.<cloud>.<host>).
+    #[arg(long, default_value_t = 77)]
+    subnet: u8,
+    /// Exit after the report instead of running until Ctrl-C.
     #[arg(long)]
-    hold: bool,
+    once: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let sds_bin = match args.sds_bin {
-        Some(bin) => bin,
-        None => std::env::current_exe()?
-            .parent()
-            .context("executable directory")?
-            .join("trustweave-sds"),
-    };
     let _ = std::fs::remove_dir_all(&args.dir);
-    std::fs::create_dir_all(&args.dir)?;
-    let dir = args.dir.as_path();
-
-    step("SPIRE agent stand-in (Delegated Identity API): aws.company.com and gcp.company.com bundles");
-    let aws = Arc::new(TrustDomainCa::new("aws.company.com"));
-    let gcp = Arc::new(TrustDomainCa::new("gcp.company.com"));
-    // The delegate's PID is only known once it runs; until then nobody is authorized.
-    let agent = DelegatedApiStandIn::start(
-        dir.join("admin-sockets/admin.sock"),
-        0,
-        SDS_ID,
-        &[&aws, &gcp],
-        Duration::from_secs(3600),
-    )
-    .await;
-    println!(
-        "  admin socket {} (authorized delegate {SDS_ID})",
-        agent.endpoint()
-    );
-
-    step("trustweave-sds, one per node (--source delegated)");
-    let sds_socket = dir.join("sds/socket");
-    let sds = spawn_sds(&sds_bin, dir, &agent, &sds_socket).await?;
-
-    step("Envoy 1.40 ×2 on the one node socket: GCP server (mTLS listener), AWS client");
-    let server = Envoy::start(
-        "gcp-server",
-        dir,
-        &envoy::server_bootstrap("gcp-server", &sds_socket),
-    )
-    .await;
-    let server_pid = server.pid().context("server Envoy PID")?;
-    agent.register(server_pid, &gcp, SERVER_ID, &["aws.company.com"]);
-    server.wait_live().await;
-    let upstream = server.listener(envoy::MTLS_LISTENER).await;
-    let client = Envoy::start(
-        "aws-client",
-        dir,
-        &envoy::client_bootstrap(
-            "aws-client",
-            &sds_socket,
-            upstream,
-            "spiffe://gcp.company.com/",
-        ),
-    )
-    .await;
-    let client_pid = client.pid().context("client Envoy PID")?;
-    agent.register(client_pid, &aws, CLIENT_ID, &["gcp.company.com"]);
-    client.wait_live().await;
-    println!("  gcp-server pid {server_pid} registered as {SERVER_ID}");
-    println!("  aws-client pid {client_pid} registered as {CLIENT_ID}");
-
-    step("What the node serves each workload (trustweave-sds inspect --workloads)");
-    let inspect = Command::new(&sds_bin)
-        .args(["inspect", "--workloads", "--admin-addr", ADMIN])
-        .output()
-        .await?;
-    print!("{}", String::from_utf8_lossy(&inspect.stdout));
-
-    step("What each Envoy holds (admin /certs)");
-    for (name, e) in [("gcp-server", &server), ("aws-client", &client)] {
-        let certs: Value = serde_json::from_str(&e.admin_get("/certs").await)?;
-        for chain in certs["certificates"].as_array().into_iter().flatten() {
-            for cert in chain["cert_chain"].as_array().into_iter().flatten() {
-                let sans: Vec<&str> = cert["subject_alt_names"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|s| s["uri"].as_str())
-                    .collect();
-                println!(
-                    "  {name}: serial {} {} expires {}",
-                    cert["serial_number"].as_str().unwrap_or("?"),
-                    sans.join(","),
-                    cert["expiration_time"].as_str().unwrap_or("?")
-                );
-            }
-        }
+    let mut options = MeshOptions::new(&args.dir, args.subnet);
+    if let Some(bin) = args.sds_bin {
+        options.sds_bin = bin;
     }
-
-    step("Cross-domain mTLS request: AWS client → GCP server");
-    let listener = client.listener(envoy::PLAIN_LISTENER).await;
-    let response = http::get(listener, "/", &[]).await?;
-    println!("  HTTP {}", response.status);
-    println!(
-        "  server saw caller  {}",
-        response.header(envoy::PEER_HEADER).unwrap_or("-")
-    );
-    println!(
-        "  server presented   {}",
-        response.header(envoy::SELF_HEADER).unwrap_or("-")
-    );
-    if response.status != 200 {
-        bail!("cross-domain request failed: {}", response.body);
-    }
-
-    step("Rotation: the agent issues the GCP server a new SVID; only its Envoy gets it, without restart");
-    let rotated = agent.rotate(server_pid);
     let started = Instant::now();
-    let serial = envoy::normalize_serial(&rotated.serial_hex);
-    while !server.cert_serials().await.contains(&serial) {
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("rotation did not reach Envoy");
+    step("Starting the mesh: SPIRE ×4, trustweave-sds ×4 (--source delegated), Envoy ×10");
+    let mesh = Mesh::start(options).await.context("starting the mesh")?;
+    for cloud in &mesh.clouds {
+        let federation = if cloud.plan.federated {
+            format!(
+                "federated with {}",
+                cloud.federates_with(&plan_of(&mesh)).join(", ")
+            )
+        } else {
+            "nobody federates with it".to_string()
+        };
+        println!(
+            "  {:<6} {:<19} {:<12} bundle endpoint https://{}  {federation}",
+            cloud.plan.name,
+            cloud.plan.trust_domain,
+            cloud.plan.region,
+            cloud.spire.endpoint().addr(),
+        );
+        for w in &cloud.workloads {
+            println!(
+                "         {:<40} sidecar outbound {}",
+                w.spiffe_id, w.outbound
+            );
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        if cloud.gateway.is_some() {
+            println!(
+                "         east-west gateway {} (AUTO_PASSTHROUGH)",
+                cloud.gateway_addr
+            );
+        }
     }
-    println!(
-        "  new serial {serial} in Envoy /certs after {:?}",
-        started.elapsed()
-    );
-    let again = http::get(listener, "/", &[]).await?;
-    println!("  request after rotation: HTTP {}", again.status);
+    println!("  ready in {:.1} s", started.elapsed().as_secs_f64());
 
-    if args.hold {
-        step("Running; Ctrl-C to stop");
-        println!("  curl http://{listener}/   (through the AWS client Envoy)");
-        println!("  admin: trustweave-sds {ADMIN} (/metrics, /readyz, /debug/workloads)");
+    step("Calls (through each caller's sidecar; cross-cloud through the east-west gateways)");
+    println!(
+        "  {:<34} {:<14} {:<28} {:>8}",
+        "from → to", "action", "decision", "latency"
+    );
+    let calls: &[(&str, &str, &str, &str)] = &[
+        ("aws", "orchestrator", "gcp", "search"),
+        ("aws", "orchestrator", "azure", "process"),
+        ("aws", "orchestrator", "gcp", "process"),
+        ("aws", "orchestrator", "azure", "search"),
+        ("gcp", "indexer", "azure", "ping"),
+        ("azure", "reporter", "aws", "health_check"),
+        ("aws", "orchestrator", "gcp", "status"),
+        ("onprem", "legacy", "gcp", "ping"),
+        ("onprem", "legacy", "azure", "ping"),
+    ];
+    for (from, workload, to, action) in calls {
+        let target = mesh.cloud(to).service();
+        let host = target.plan.host();
+        let begin = Instant::now();
+        let call = mesh.call_from(from, workload, &host, action, &[]).await?;
+        let decision = decision(&call);
+        println!(
+            "  {:<34} {:<14} {:<28} {:>5.1} ms",
+            format!("{from}/{workload} → {to}/{}", target.plan.name),
+            action,
+            decision,
+            begin.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+
+    step("Round trip AWS → GCP → Azure → AWS: what each service received");
+    let hops = format!(
+        "{}/process,{}/report",
+        mesh.cloud("azure").service().plan.host(),
+        mesh.cloud("aws").service().plan.host()
+    );
+    let begin = Instant::now();
+    let trip = mesh
+        .call_from(
+            "aws",
+            "orchestrator",
+            &mesh.cloud("gcp").service().plan.host(),
+            "search",
+            &[("x-hops", &hops), ("baggage", "userId=alice")],
+        )
+        .await?;
+    println!(
+        "  HTTP {} in {:.1} ms",
+        trip.status,
+        begin.elapsed().as_secs_f64() * 1000.0
+    );
+    let mut hop = &trip.body;
+    let mut trace = String::new();
+    while hop.is_object() {
+        let h = |name: &str| hop["headers"][name][0].as_str().unwrap_or("-").to_string();
+        println!("  {}", hop["service"].as_str().unwrap_or("?"));
+        println!("    caller        {}", h("x-trustweave-caller"));
+        println!(
+            "    caller place  {} / {} / {}",
+            h("x-trustweave-caller-trust-domain"),
+            h("x-trustweave-caller-cloud"),
+            h("x-trustweave-caller-region")
+        );
+        println!(
+            "    here          {} / {}",
+            h("x-trustweave-cloud"),
+            h("x-trustweave-region")
+        );
+        println!("    traceparent   {}", h("traceparent"));
+        println!("    baggage       {}", h("baggage"));
+        trace = h("traceparent").split('-').nth(1).unwrap_or("").to_string();
+        hop = &hop["next"]["answer"];
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut spans = mesh.otlp.trace(&trace);
+    while spans.len() < 6 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        spans = mesh.otlp.trace(&trace);
+    }
+    let mut services: Vec<String> = spans.iter().map(|s| s.service.clone()).collect();
+    services.sort();
+    services.dedup();
+    println!(
+        "  trace {trace}: {} spans at the OTLP receiver from {}",
+        spans.len(),
+        services.join(", ")
+    );
+
+    step("What each node's trustweave-sds serves its Envoys (trustweave-sds inspect --workloads)");
+    for cloud in &mesh.clouds {
+        println!("  [{}]", cloud.plan.name);
+        let inspect = Command::new(&mesh.options.sds_bin)
+            .args(["inspect", "--workloads", "--admin-addr"])
+            .arg(cloud.sds.admin().to_string())
+            .output()
+            .await?;
+        for line in String::from_utf8_lossy(&inspect.stdout).lines() {
+            println!("    {line}");
+        }
+    }
+
+    if !args.once {
+        let aws = mesh.cloud("aws").caller().outbound;
+        let gcp = mesh.cloud("gcp").service().plan.host();
+        step("Running; Ctrl-C to stop. Call into it as the AWS orchestrator:");
+        println!("  curl -H 'host: {gcp}' -H 'x-trustweave-action: search' http://{aws}/");
+        println!("  curl -H 'host: {gcp}' -H 'x-trustweave-action: delete' http://{aws}/   # 403");
+        println!(
+            "  trustweave-sds admin: http://{}/debug/workloads (and /metrics)",
+            mesh.cloud("aws").sds.admin()
+        );
+        println!(
+            "  logs and configurations: {} (bundle endpoints on :{})",
+            args.dir.display(),
+            ports::BUNDLE_ENDPOINT
+        );
         tokio::signal::ctrl_c().await?;
     }
-    drop(sds);
     println!("\ndemo complete");
     Ok(())
 }
 
-fn step(title: &str) {
-    println!("\n== {title}");
+fn plan_of(mesh: &Mesh) -> Vec<trustweave_e2e::mesh::CloudPlan> {
+    mesh.clouds.iter().map(|c| c.plan.clone()).collect()
 }
 
-async fn spawn_sds(
-    bin: &Path,
-    dir: &Path,
-    agent: &DelegatedApiStandIn,
-    sds_socket: &Path,
-) -> anyhow::Result<Child> {
-    let log_path = dir.join("trustweave-sds.log");
-    let log = std::fs::File::create(&log_path)?;
-    let child = Command::new(bin)
-        .args(["--source", "delegated", "--admin-socket"])
-        .arg(agent.endpoint())
-        .arg("--sds-socket")
-        .arg(sds_socket)
-        .args(["--admin-addr", ADMIN])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot run {} (build it with cargo build)", bin.display()))?;
-    // The agent attests its delegate by PID: this one is trustweave-sds.
-    let pid = child.id().context("trustweave-sds PID")?;
-    agent.update(|state| {
-        state.callers.insert(pid, SDS_ID.to_string());
-    });
-    let addr = ADMIN.parse()?;
-    let started = Instant::now();
-    loop {
-        if let Ok(r) = http::get(addr, "/readyz", &[]).await {
-            if r.status == 200 {
-                break;
-            }
-        }
-        if started.elapsed() > Duration::from_secs(15) {
-            bail!("trustweave-sds not ready; see {}", log_path.display());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+fn decision(call: &Call) -> String {
+    match call.status {
+        200 => "allowed (200)".to_string(),
+        403 => format!(
+            "denied (403{})",
+            call.response
+                .header("x-trustweave-denied-by")
+                .map(|p| format!(", {p}"))
+                .unwrap_or_default()
+        ),
+        503 => "refused at handshake (503)".to_string(),
+        other => format!("HTTP {other}: {}", first_line(&call.body)),
     }
-    println!(
-        "  {} ready (pid {pid}, admin {ADMIN}, bundles from the agent)",
-        sds_socket.display()
-    );
-    Ok(child)
+}
+
+fn first_line(body: &Value) -> String {
+    body.to_string().chars().take(60).collect()
+}
+
+fn step(title: &str) {
+    println!("\n== {title}");
 }
