@@ -428,20 +428,23 @@ mod tests {
         let refused = |doc: serde_json::Value| parse(&serde_json::to_vec(&doc).expect("json"));
         let mut two = good.clone();
         two["keys"][0]["x5c"] = json!([good["keys"][0]["x5c"][0], good["keys"][0]["x5c"][0]]);
-        assert!(refused(two).unwrap_err().0.starts_with("keys[0]: x5c"));
+        assert!(refused(two)
+            .expect_err("refused")
+            .0
+            .starts_with("keys[0]: x5c"));
         let mut other_key = good.clone();
         let other = TrustDomainCa::new("a.org");
         let other_doc: serde_json::Value =
             serde_json::from_slice(&encode(&bundle(&[&other]))).expect("json");
         other_key["keys"][0]["x"] = other_doc["keys"][0]["x"].clone();
         assert!(refused(other_key)
-            .unwrap_err()
+            .expect_err("refused")
             .0
             .contains("not the certificate's"));
         let leaf = ca.issue_svid("spiffe://a.org/w", Duration::from_secs(60));
         let mut not_ca = good.clone();
         not_ca["keys"][0]["x5c"] = json!([STANDARD.encode(&leaf.leaf_der)]);
-        assert!(refused(not_ca).unwrap_err().0.contains("not a CA"));
+        assert!(refused(not_ca).expect_err("refused").0.contains("not a CA"));
         let mut jwt_only = good.clone();
         jwt_only["keys"][0]["use"] = json!("jwt-svid");
         assert_eq!(
