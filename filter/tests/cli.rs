@@ -23,7 +23,7 @@ const EXAMPLE: &str = concat!(
 fn validate_lists_every_error_with_its_field_path() {
     let (code, out, _) = policy(&["validate", EXAMPLE]);
     assert_eq!(code, 0);
-    assert!(out.contains("valid (5 policies)"), "{out}");
+    assert!(out.contains("valid (6 policies)"), "{out}");
 
     let dir = std::env::temp_dir().join(format!("tw-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
