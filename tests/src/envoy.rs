@@ -11,9 +11,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
-use crate::http;
+use crate::http::{self, HttpResponse};
+use crate::mesh::netns::Site;
 use crate::wait::wait_until;
 
 /// The Envoy binary to run.
@@ -30,11 +31,17 @@ pub struct Envoy {
     child: Child,
     admin: SocketAddr,
     log: PathBuf,
+    site: Site,
 }
 
 impl Envoy {
     /// Writes `bootstrap` to `dir` and starts Envoy; waits until its admin endpoint answers.
     pub async fn start(name: &str, dir: &Path, bootstrap: &Value) -> Self {
+        Self::start_at(&Site::Host, name, dir, bootstrap).await
+    }
+
+    /// [`Envoy::start`] in `site`'s network (its admin endpoint is reached there too).
+    pub async fn start_at(site: &Site, name: &str, dir: &Path, bootstrap: &Value) -> Self {
         let config = dir.join(format!("{name}.json"));
         let admin_path = dir.join(format!("{name}.admin"));
         let log = dir.join(format!("{name}.log"));
@@ -43,7 +50,8 @@ impl Envoy {
         // A previous Envoy of the same name left its admin address here: never read it.
         let _ = std::fs::remove_file(&admin_path);
         let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(binary())
+        let child = site
+            .command(binary())
             .arg("-c")
             .arg(&config)
             .args([
@@ -71,6 +79,7 @@ impl Envoy {
             child,
             admin: "127.0.0.1:0".parse().expect("addr"),
             log,
+            site: site.clone(),
         };
         wait_until(
             &format!("{name} admin address"),
@@ -101,12 +110,15 @@ impl Envoy {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// GET on the admin endpoint.
+    pub async fn admin_request(&self, path: &str) -> std::io::Result<HttpResponse> {
+        let stream = self.site.connect(self.admin).await?;
+        http::request_on(stream, "GET", path, &[]).await
+    }
+
     /// GET on the admin endpoint; returns the body.
     pub async fn admin_get(&self, path: &str) -> String {
-        let response = http::get(self.admin, path, &[])
-            .await
-            .expect("admin request");
-        response.body
+        self.admin_request(path).await.expect("admin request").body
     }
 
     /// Waits until Envoy reports `LIVE` (all SDS secrets received, listeners up).
@@ -115,7 +127,7 @@ impl Envoy {
             &format!("{} LIVE", self.name),
             Duration::from_secs(20),
             || async {
-                http::get(self.admin, "/ready", &[])
+                self.admin_request("/ready")
                     .await
                     .map(|r| r.status == 200)
                     .unwrap_or(false)

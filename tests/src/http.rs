@@ -43,7 +43,17 @@ pub async fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> std::io::Result<HttpResponse> {
-    let mut stream = TcpStream::connect(addr).await?;
+    request_on(TcpStream::connect(addr).await?, method, path, headers).await
+}
+
+/// [`request`] on a connection already made (e.g. from inside a network namespace).
+pub async fn request_on(
+    mut stream: TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
+    let addr = stream.peer_addr()?;
     let mut head = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\n");
     if !headers
         .iter()

@@ -45,6 +45,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = std::fs::remove_dir_all(&args.dir);
     let mut options = MeshOptions::new(&args.dir, args.subnet);
+    // The demo runs as a normal user: loopback addresses, no namespaces.
+    options.namespaces = false;
     if let Some(bin) = args.sds_bin {
         options.sds_bin = bin;
     }

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use super::netns::Site;
 use crate::http;
 
 /// Header naming the hops still to make.
@@ -32,20 +33,28 @@ pub struct App {
 }
 
 impl App {
-    /// Serves on `addr` as `name`; onward calls go to `sidecar_outbound`.
-    pub async fn start(addr: SocketAddr, name: &str, sidecar_outbound: SocketAddr) -> Self {
-        let listener = TcpListener::bind(addr).await.expect("bind app");
+    /// Serves on `addr` in `site` as `name`; onward calls go to `sidecar_outbound`.
+    pub async fn start(
+        site: &Site,
+        addr: SocketAddr,
+        name: &str,
+        sidecar_outbound: SocketAddr,
+    ) -> Self {
+        let listener: TcpListener = site.bind(addr).await.expect("bind app");
+        let site = site.clone();
         let received = Arc::new(AtomicUsize::new(0));
         let (counter, name) = (Arc::clone(&received), name.to_string());
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
-                let name = name.clone();
+                let (name, site) = (name.clone(), site.clone());
                 tokio::spawn(async move {
                     let Some(headers) = read_head(&mut stream).await else {
                         return;
                     };
-                    let body = answer(&name, headers, sidecar_outbound).await.to_string();
+                    let body = answer(&name, headers, &site, sidecar_outbound)
+                        .await
+                        .to_string();
                     let response = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                         body.len()
@@ -96,6 +105,7 @@ async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<BTreeMap<String
 async fn answer(
     name: &str,
     headers: BTreeMap<String, Vec<String>>,
+    site: &Site,
     sidecar_outbound: SocketAddr,
 ) -> Value {
     let first = |h: &str| headers.get(h).and_then(|v| v.first()).cloned();
@@ -116,7 +126,11 @@ async fn answer(
                 }
             }
             let onward: Vec<(&str, &str)> = onward.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            match http::get(sidecar_outbound, "/", &onward).await {
+            let response = match site.connect(sidecar_outbound).await {
+                Ok(stream) => http::request_on(stream, "GET", "/", &onward).await,
+                Err(e) => Err(e),
+            };
+            match response {
                 Ok(r) => json!({
                     "status": r.status,
                     "answer": serde_json::from_str::<Value>(&r.body).unwrap_or(json!(r.body)),

@@ -56,8 +56,8 @@ pub struct Sidecar<'a> {
     pub routes: &'a [Route],
     /// The node's SDS socket.
     pub sds_socket: &'a Path,
-    /// The OTLP receiver.
-    pub otlp: SocketAddr,
+    /// The OTLP receiver's socket.
+    pub otlp: &'a Path,
 }
 
 fn socket_address(addr: SocketAddr) -> Value {
@@ -79,6 +79,14 @@ fn static_cluster(name: &str, addr: SocketAddr, http2: bool) -> Value {
             }
         });
     }
+    cluster
+}
+
+/// The OTLP receiver, gRPC over its Unix socket.
+fn otlp_cluster(socket: &Path) -> Value {
+    let mut cluster = static_cluster("otlp", "127.0.0.1:4317".parse().expect("addr"), true);
+    cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] =
+        json!({ "pipe": { "path": socket } });
     cluster
 }
 
@@ -199,7 +207,7 @@ pub fn sidecar(s: &Sidecar<'_>) -> Value {
     });
     let mut clusters = vec![
         static_cluster("app", s.app, false),
-        static_cluster("otlp", s.otlp, true),
+        otlp_cluster(s.otlp),
         sds_cluster(s.sds_socket),
     ];
     clusters.extend(s.routes.iter().map(outbound_cluster));

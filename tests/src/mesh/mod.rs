@@ -3,15 +3,19 @@
 //! federates with. Per cloud: SPIRE (server, node agent, bundle endpoint), one
 //! node-level `trustweave-sds` process, two workloads (a service and a
 //! caller), each an app behind its own sidecar Envoy, and an east-west gateway
-//! Envoy on `15443`. Each cloud has its own loopback addresses
-//! (`127.<subnet>.<cloud>.<host>`), so meshes with different subnets can run
-//! side by side; the gateway keeps its address across restarts.
+//! Envoy on `15443`. Each cloud has its own addresses: as root, inside a
+//! network namespace of its own (`10.<subnet>.<cloud>.<host>`, see
+//! [`netns`]); otherwise on loopback (`127.<subnet>.<cloud>.<host>`). Meshes
+//! with different subnets run side by side; the gateway keeps its address
+//! across restarts. SPIRE (servers, bundle endpoints) and the node
+//! trustweave-sds processes are host-side, reached over Unix sockets.
 //!
 //! Used by the end-to-end test (`tests/tests/mesh.rs`) and `make demo`.
 
 pub mod app;
 pub mod bootstrap;
 pub mod bundle_endpoint;
+pub mod netns;
 pub mod node_sds;
 pub mod otlp;
 pub mod spire;
@@ -27,6 +31,7 @@ use crate::envoy::Envoy;
 use crate::http::{self, HttpResponse};
 use app::App;
 use bootstrap::Route;
+use netns::{Namespaces, NetNs, Site};
 use node_sds::NodeSds;
 use otlp::OtlpReceiver;
 use spire::SpireStandIn;
@@ -165,10 +170,13 @@ pub struct MeshOptions {
     pub svid_ttl: Duration,
     /// The trustweave-sds binary.
     pub sds_bin: PathBuf,
+    /// Each cloud in its own network namespace (needs root).
+    pub namespaces: bool,
 }
 
 impl MeshOptions {
-    /// Defaults for `dir` and `subnet`: 1 s refresh, 1 h SVIDs, the built trustweave-sds.
+    /// Defaults for `dir` and `subnet`: 1 s refresh, 1 h SVIDs, the built
+    /// trustweave-sds, namespaces when they can be made (root).
     pub fn new(dir: &Path, subnet: u8) -> Self {
         Self {
             dir: dir.to_path_buf(),
@@ -176,6 +184,7 @@ impl MeshOptions {
             refresh: Duration::from_secs(1),
             svid_ttl: Duration::from_secs(3600),
             sds_bin: node_sds::binary(),
+            namespaces: NetNs::available(),
         }
     }
 }
@@ -198,6 +207,8 @@ pub struct Workload {
 pub struct Cloud {
     /// Its plan.
     pub plan: CloudPlan,
+    /// Where its data plane runs.
+    pub site: Site,
     /// Its SPIRE.
     pub spire: Arc<SpireStandIn>,
     /// Its node's trustweave-sds.
@@ -239,8 +250,8 @@ impl Cloud {
     pub async fn restart_gateway(&mut self, dir: &Path) {
         self.gateway = None; // killed on drop
         let name = format!("{}-eastwest", self.plan.name);
-        wait_for_port_free(self.gateway_addr).await;
-        let gateway = Envoy::start(&name, dir, &self.gateway_bootstrap).await;
+        wait_for_port_free(&self.site, self.gateway_addr).await;
+        let gateway = Envoy::start_at(&self.site, &name, dir, &self.gateway_bootstrap).await;
         gateway.wait_live().await;
         self.gateway = Some(gateway);
     }
@@ -253,11 +264,11 @@ fn federation_peers(cloud: &CloudPlan, all: &[CloudPlan]) -> Vec<&'static str> {
         .collect()
 }
 
-async fn wait_for_port_free(addr: SocketAddr) {
+async fn wait_for_port_free(site: &Site, addr: SocketAddr) {
     crate::wait::wait_until(
         &format!("{addr} free"),
         Duration::from_secs(10),
-        || async move { std::net::TcpListener::bind(addr).is_ok() },
+        || async move { site.bind(addr).await.is_ok() },
     )
     .await;
 }
@@ -270,6 +281,8 @@ pub struct Mesh {
     pub clouds: Vec<Cloud>,
     /// Where every Envoy exports spans.
     pub otlp: OtlpReceiver,
+    /// The clouds' network namespaces, if any (deleted last).
+    pub namespaces: Option<Namespaces>,
 }
 
 /// The answer to a call.
@@ -291,11 +304,6 @@ impl Call {
 }
 
 impl Mesh {
-    /// The address of host `host` of cloud number `cloud` (0-based).
-    pub fn address(&self, cloud: usize, host: u8) -> IpAddr {
-        address(self.options.subnet, cloud, host)
-    }
-
     /// Cloud `name`.
     pub fn cloud(&self, name: &str) -> &Cloud {
         self.clouds
@@ -316,8 +324,27 @@ impl Mesh {
     pub async fn start(options: MeshOptions) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&options.dir)?;
         let plan = plan();
-        let otlp = OtlpReceiver::start().await;
+        let otlp = OtlpReceiver::start(&options.dir.join("otlp.sock")).await;
         let subnet = options.subnet;
+        let namespaces = if options.namespaces {
+            let names: Vec<&str> = plan.iter().map(|c| c.name).collect();
+            let addresses: Vec<Vec<IpAddr>> = (0..plan.len())
+                .map(|i| {
+                    [1, 10, 20]
+                        .map(|h| data_address(subnet, true, i, h))
+                        .to_vec()
+                })
+                .collect();
+            Some(Namespaces::create(subnet, &names, &addresses)?)
+        } else {
+            None
+        };
+        let site = |i: usize| match &namespaces {
+            Some(ns) => Site::Namespace(Arc::clone(&ns.clouds[i])),
+            None => Site::Host,
+        };
+        let in_ns = namespaces.is_some();
+        let data = |cloud: usize, host: u8| data_address(subnet, in_ns, cloud, host);
 
         // SPIRE per cloud, then federation (on-prem trusts the clouds; nobody trusts on-prem).
         let mut spires = Vec::new();
@@ -359,9 +386,9 @@ impl Mesh {
                         sni: w.sni(),
                         spiffe_id: w.spiffe_id(c.trust_domain),
                         endpoint: if i == from {
-                            SocketAddr::new(address(subnet, i, w.pod), ports::INBOUND)
+                            SocketAddr::new(data(i, w.pod), ports::INBOUND)
                         } else {
-                            SocketAddr::new(address(subnet, i, 1), ports::GATEWAY)
+                            SocketAddr::new(data(i, 1), ports::GATEWAY)
                         },
                     })
                 })
@@ -371,6 +398,7 @@ impl Mesh {
         let mut clouds = Vec::new();
         for ((i, cloud), spire) in plan.iter().enumerate().zip(spires) {
             let dir = options.dir.join(cloud.name);
+            let site = site(i);
             let sds = NodeSds::start(
                 &options.sds_bin,
                 &dir,
@@ -382,11 +410,16 @@ impl Mesh {
             let peers = federation_peers(cloud, &plan);
             let mut workloads = Vec::new();
             for w in &cloud.workloads {
-                let pod = address(subnet, i, w.pod);
+                let pod = data(i, w.pod);
                 let outbound = SocketAddr::new(pod, ports::OUTBOUND);
                 let service_name = format!("{}.{}", w.name, cloud.name);
-                let app =
-                    App::start(SocketAddr::new(pod, ports::APP), &service_name, outbound).await;
+                let app = App::start(
+                    &site,
+                    SocketAddr::new(pod, ports::APP),
+                    &service_name,
+                    outbound,
+                )
+                .await;
                 let filter = cloud.federated.then(|| {
                     crate::filter::istio_filter(&format!(
                         "clouds/{}/{}",
@@ -408,11 +441,15 @@ impl Mesh {
                     filter,
                     routes: &routes,
                     sds_socket: sds.socket(),
-                    otlp: otlp.addr(),
+                    otlp: otlp.socket(),
                 });
-                let sidecar =
-                    Envoy::start(&format!("{}-{}", cloud.name, w.name), &options.dir, &config)
-                        .await;
+                let sidecar = Envoy::start_at(
+                    &site,
+                    &format!("{}-{}", cloud.name, w.name),
+                    &options.dir,
+                    &config,
+                )
+                .await;
                 let pid = sidecar
                     .pid()
                     .ok_or_else(|| anyhow::anyhow!("sidecar PID"))?;
@@ -426,26 +463,22 @@ impl Mesh {
                     outbound,
                 });
             }
-            let gateway_addr = SocketAddr::new(address(subnet, i, 1), ports::GATEWAY);
+            let gateway_addr = SocketAddr::new(data(i, 1), ports::GATEWAY);
             let chains: Vec<(String, SocketAddr)> = cloud
                 .workloads
                 .iter()
-                .map(|w| {
-                    (
-                        w.sni(),
-                        SocketAddr::new(address(subnet, i, w.pod), ports::INBOUND),
-                    )
-                })
+                .map(|w| (w.sni(), SocketAddr::new(data(i, w.pod), ports::INBOUND)))
                 .collect();
             let gateway_bootstrap = bootstrap::eastwest_gateway(
-                &format!("router~{}~eastwest", address(subnet, i, 1)),
+                &format!("router~{}~eastwest", gateway_addr.ip()),
                 cloud.region,
                 gateway_addr,
                 &chains,
             );
             let gateway = if cloud.federated {
                 Some(
-                    Envoy::start(
+                    Envoy::start_at(
+                        &site,
                         &format!("{}-eastwest", cloud.name),
                         &options.dir,
                         &gateway_bootstrap,
@@ -457,6 +490,7 @@ impl Mesh {
             };
             clouds.push(Cloud {
                 plan: cloud.clone(),
+                site,
                 spire,
                 sds,
                 workloads,
@@ -477,6 +511,7 @@ impl Mesh {
             options,
             clouds,
             otlp,
+            namespaces,
         })
     }
 
@@ -489,10 +524,12 @@ impl Mesh {
         action: &str,
         extra: &[(&str, &str)],
     ) -> std::io::Result<Call> {
-        let source = self.cloud(from).workload(workload);
+        let cloud = self.cloud(from);
+        let source = cloud.workload(workload);
         let mut headers = vec![("host", host), (app::ACTION_HEADER, action)];
         headers.extend_from_slice(extra);
-        let response = http::get(source.outbound, "/", &headers).await?;
+        let stream = cloud.site.connect(source.outbound).await?;
+        let response = http::request_on(stream, "GET", "/", &headers).await?;
         let body = serde_json::from_str(&response.body).unwrap_or(Value::Null);
         Ok(Call {
             status: response.status,
@@ -509,7 +546,16 @@ impl Mesh {
     }
 }
 
-/// `127.<subnet>.<cloud + 1>.<host>`.
+/// A host-side address: `127.<subnet>.<cloud + 1>.<host>`.
 pub fn address(subnet: u8, cloud: usize, host: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, subnet, cloud as u8 + 1, host))
+}
+
+/// A data-plane address: `10.<subnet>.<cloud + 1>.<host>` inside namespaces, else host-side.
+pub fn data_address(subnet: u8, namespaces: bool, cloud: usize, host: u8) -> IpAddr {
+    if namespaces {
+        IpAddr::V4(Ipv4Addr::new(10, subnet, cloud as u8 + 1, host))
+    } else {
+        address(subnet, cloud, host)
+    }
 }

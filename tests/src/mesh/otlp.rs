@@ -1,9 +1,10 @@
 //! An OTLP/gRPC trace receiver (what an OpenTelemetry collector offers on
 //! 4317): every Envoy's OpenTelemetry tracer exports its spans here, and the
-//! test reads them back.
+//! test reads them back. It listens on a Unix socket, which Envoys in any
+//! network namespace reach alike.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -14,8 +15,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 /// One span as received.
@@ -38,14 +39,14 @@ pub struct ReceivedSpan {
 /// A running receiver.
 #[derive(Clone)]
 pub struct OtlpReceiver {
-    addr: SocketAddr,
+    socket: PathBuf,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
 }
 
 impl std::fmt::Debug for OtlpReceiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OtlpReceiver")
-            .field("addr", &self.addr)
+            .field("socket", &self.socket)
             .finish_non_exhaustive()
     }
 }
@@ -94,25 +95,26 @@ impl TraceService for OtlpReceiver {
 }
 
 impl OtlpReceiver {
-    /// Starts the receiver on a loopback port.
-    pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind OTLP");
+    /// Starts the receiver on Unix socket `socket`.
+    pub async fn start(socket: &Path) -> Self {
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket).expect("bind OTLP");
         let receiver = Self {
-            addr: listener.local_addr().expect("addr"),
+            socket: socket.to_path_buf(),
             spans: Arc::default(),
         };
         let service = TraceServiceServer::new(receiver.clone());
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming(TcpListenerStream::new(listener)),
+                .serve_with_incoming(UnixListenerStream::new(listener)),
         );
         receiver
     }
 
-    /// Its address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// Its socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     /// Every span received so far.
