@@ -371,7 +371,8 @@ async fn wait_for_trust(mesh: &Mesh, present: &str, absent: Option<&str>) {
     }
 }
 
-async fn all_pids(mesh: &Mesh) -> Vec<Option<u32>> {
+/// Every process of the mesh: SDS servers, sidecars, gateways.
+fn all_pids(mesh: &Mesh) -> Vec<Option<u32>> {
     let mut pids = Vec::new();
     for cloud in &mesh.clouds {
         pids.push(cloud.sds.pid());
@@ -456,7 +457,7 @@ async fn the_mesh_survives_ca_rotation_outages_and_restarts() {
 
     // An SDS server restarts: Envoys keep their certificates, nothing else restarts.
     let traffic = Traffic::start(&mesh, &everywhere);
-    let before = all_pids(&mesh).await;
+    let before = all_pids(&mesh);
     let gcp_sds_pid = mesh.cloud("gcp").sds.pid();
     mesh.cloud_mut("gcp").sds.restart().await.expect("restart");
     let sds = &mesh.cloud("gcp").sds;
@@ -468,7 +469,7 @@ async fn the_mesh_survives_ca_rotation_outages_and_restarts() {
     .await;
     traffic.wait_for_successes(10).await;
     traffic.stop_and_assert_nothing_failed("SDS restart");
-    let after = all_pids(&mesh).await;
+    let after = all_pids(&mesh);
     assert_ne!(mesh.cloud("gcp").sds.pid(), gcp_sds_pid);
     let changed: Vec<usize> = (0..before.len())
         .filter(|i| before[*i] != after[*i])
@@ -480,7 +481,7 @@ async fn the_mesh_survives_ca_rotation_outages_and_restarts() {
     );
 
     // An east-west gateway restarts: calls through it resume, nothing else restarts.
-    let before = all_pids(&mesh).await;
+    let before = all_pids(&mesh);
     mesh.cloud_mut("azure").restart_gateway(dir.path()).await;
     for from in ["aws", "gcp"] {
         let call = mesh.call(from, "azure", "process").await.expect("call");
@@ -492,7 +493,7 @@ async fn the_mesh_survives_ca_rotation_outages_and_restarts() {
     }
     let call = mesh.call("aws", "azure", "process").await.expect("call");
     assert_eq!(call.status, 200, "{:?}", call.response);
-    let after = all_pids(&mesh).await;
+    let after = all_pids(&mesh);
     let changed: Vec<usize> = (0..before.len())
         .filter(|i| before[*i] != after[*i])
         .collect();

@@ -55,10 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let mesh = Mesh::start(options).await.context("starting the mesh")?;
     for cloud in &mesh.clouds {
         let federation = if cloud.plan.federated {
-            format!(
-                "federated with {}",
-                cloud.federates_with(&plan_of(&mesh)).join(", ")
-            )
+            format!("federated with {}", cloud.federates_with.join(", "))
         } else {
             "nobody federates with it".to_string()
         };
@@ -205,10 +202,6 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("\ndemo complete");
     Ok(())
-}
-
-fn plan_of(mesh: &Mesh) -> Vec<trustweave_e2e::mesh::CloudPlan> {
-    mesh.clouds.iter().map(|c| c.plan.clone()).collect()
 }
 
 fn decision(call: &Call) -> String {

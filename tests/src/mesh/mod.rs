@@ -215,6 +215,8 @@ pub struct Cloud {
     pub sds: NodeSds,
     /// Its workloads (service first).
     pub workloads: Vec<Workload>,
+    /// The trust domains its workloads federate with.
+    pub federates_with: Vec<&'static str>,
     /// Its east-west gateway (none on-prem).
     pub gateway: Option<Envoy>,
     /// The gateway's address.
@@ -239,11 +241,6 @@ impl Cloud {
     /// The caller (last workload).
     pub fn caller(&self) -> &Workload {
         self.workloads.last().expect("a workload")
-    }
-
-    /// The trust domains this cloud federates with.
-    pub fn federates_with(&self, all: &[CloudPlan]) -> Vec<&'static str> {
-        federation_peers(&self.plan, all)
     }
 
     /// Restarts the east-west gateway (a new process on the same address).
@@ -407,7 +404,7 @@ impl Mesh {
             )
             .await?;
             let routes = route(i);
-            let peers = federation_peers(cloud, &plan);
+            let federates_with = federation_peers(cloud, &plan);
             let mut workloads = Vec::new();
             for w in &cloud.workloads {
                 let pod = data(i, w.pod);
@@ -454,7 +451,7 @@ impl Mesh {
                     .pid()
                     .ok_or_else(|| anyhow::anyhow!("sidecar PID"))?;
                 let spiffe_id = w.spiffe_id(cloud.trust_domain);
-                spire.register(pid, &spiffe_id, &peers);
+                spire.register(pid, &spiffe_id, &federates_with);
                 workloads.push(Workload {
                     plan: w.clone(),
                     spiffe_id,
@@ -491,6 +488,7 @@ impl Mesh {
             clouds.push(Cloud {
                 plan: cloud.clone(),
                 site,
+                federates_with,
                 spire,
                 sds,
                 workloads,
