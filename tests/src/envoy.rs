@@ -157,13 +157,22 @@ impl Envoy {
 
     /// Serial numbers (lower-case hex) of the certificate chains Envoy holds, per `/certs`.
     pub async fn cert_serials(&self) -> Vec<String> {
+        self.certs_serials("cert_chain").await
+    }
+
+    /// Serial numbers of the CA certificates Envoy validates peers with, per `/certs`.
+    pub async fn ca_serials(&self) -> Vec<String> {
+        self.certs_serials("ca_cert").await
+    }
+
+    async fn certs_serials(&self, field: &str) -> Vec<String> {
         let certs: Value =
             serde_json::from_str(&self.admin_get("/certs").await).expect("certs json");
         certs["certificates"]
             .as_array()
             .into_iter()
             .flatten()
-            .flat_map(|c| c["cert_chain"].as_array().into_iter().flatten())
+            .flat_map(|c| c[field].as_array().into_iter().flatten())
             .filter_map(|c| c["serial_number"].as_str())
             .map(normalize_serial)
             .collect()
@@ -277,6 +286,18 @@ pub fn istio_tls_context(peer_uri_prefix: Option<&str>) -> Value {
     })
 }
 
+/// Istio's inbound mTLS: a client certificate required, validated with `ROOTCA`.
+pub fn istio_downstream_tls() -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": true,
+            "common_tls_context": istio_tls_context(None)
+        }
+    })
+}
+
 fn base_bootstrap(
     node_id: &str,
     sds_socket: &Path,
@@ -329,14 +350,7 @@ pub fn server_bootstrap(node_id: &str, sds_socket: &Path) -> Value {
         "name": MTLS_LISTENER,
         "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
         "filter_chains": [{
-            "transport_socket": {
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                    "require_client_certificate": true,
-                    "common_tls_context": istio_tls_context(None)
-                }
-            },
+            "transport_socket": istio_downstream_tls(),
             "filters": [http_connection_manager(
                 "inbound",
                 json!({ "match": { "prefix": "/" }, "direct_response": { "status": 200, "body": { "inline_string": "ok\n" } } }),

@@ -1,5 +1,6 @@
 //! A minimal HTTP/1.1 client for tests: one request per connection.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -112,4 +113,31 @@ fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
         out.extend_from_slice(rest.get(..size)?);
         rest = rest.get(size + 2..)?;
     }
+}
+
+/// Reads a request head (at most 1 MiB) from `stream`: its header names
+/// (lower-case) with their values in order; `None` if the peer closed first.
+pub async fn read_request_headers(stream: &mut TcpStream) -> Option<BTreeMap<String, Vec<String>>> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        if raw.len() > 1 << 20 {
+            return None;
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&raw).into_owned();
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in head.split("\r\n").skip(1) {
+        if let Some((name, value)) = line.split_once(':') {
+            headers
+                .entry(name.trim().to_ascii_lowercase())
+                .or_default()
+                .push(value.trim().to_string());
+        }
+    }
+    Some(headers)
 }

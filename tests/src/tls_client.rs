@@ -16,19 +16,43 @@ use tokio_rustls::TlsConnector;
 use crate::http::HttpResponse;
 use crate::pki::IssuedSvid;
 
-#[derive(Debug)]
-struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+/// How a client judges the server's certificate chain (leaf, intermediates, now).
+pub(crate) type ChainCheck = Box<
+    dyn Fn(&CertificateDer<'_>, &[CertificateDer<'_>], UnixTime) -> Result<(), rustls::Error>
+        + Send
+        + Sync,
+>;
 
-impl ServerCertVerifier for AcceptAnyServer {
+/// A server verifier that judges the chain with a [`ChainCheck`] and the
+/// handshake signatures with the provider's algorithms.
+pub(crate) struct CheckedServer {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    check: ChainCheck,
+}
+
+impl CheckedServer {
+    /// A verifier using `check` for the chain.
+    pub(crate) fn new(provider: Arc<rustls::crypto::CryptoProvider>, check: ChainCheck) -> Self {
+        Self { provider, check }
+    }
+}
+
+impl std::fmt::Debug for CheckedServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CheckedServer")
+    }
+}
+
+impl ServerCertVerifier for CheckedServer {
     fn verify_server_cert(
         &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
         _: &ServerName<'_>,
         _: &[u8],
-        _: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        (self.check)(end_entity, intermediates, now).map(|()| ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
         &self,
@@ -40,7 +64,7 @@ impl ServerCertVerifier for AcceptAnyServer {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
     fn verify_tls13_signature(
@@ -53,11 +77,13 @@ impl ServerCertVerifier for AcceptAnyServer {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -71,7 +97,10 @@ fn connector_with_alpn(client: &IssuedSvid, alpn: Vec<Vec<u8>>) -> TlsConnector 
         .with_safe_default_protocol_versions()
         .expect("protocol versions")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+        .with_custom_certificate_verifier(Arc::new(CheckedServer::new(
+            provider,
+            Box::new(|_, _, _| Ok(())),
+        )))
         .with_client_auth_cert(
             vec![CertificateDer::from(client.leaf_der.clone())],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(client.key_der.clone())),

@@ -1,7 +1,6 @@
 //! Upstreams for filter tests: an HTTP server that echoes the request headers it
 //! received (as JSON), and a TCP server that counts the bytes it received.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,24 +15,9 @@ pub async fn start_header_echo() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut raw = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => raw.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&raw).into_owned();
-                let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                for line in head.split("\r\n").skip(1) {
-                    if let Some((name, value)) = line.split_once(':') {
-                        headers
-                            .entry(name.trim().to_ascii_lowercase())
-                            .or_default()
-                            .push(value.trim().to_string());
-                    }
-                }
+                let Some(headers) = crate::http::read_request_headers(&mut stream).await else {
+                    return;
+                };
                 let body = serde_json::to_string(&headers).unwrap_or_default();
                 let response = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -76,17 +76,8 @@ async fn the_multi_cloud_scenario_across_three_federated_clouds() {
     }
 
     // 3. The round trip AWS → GCP → Azure → AWS: each hop sees its caller.
-    let collector = mesh.cloud("aws").service().plan.host();
-    let processor = mesh.cloud("azure").service().plan.host();
-    let hops = format!("{processor}/process,{collector}/report");
     let trip = mesh
-        .call_from(
-            "aws",
-            "orchestrator",
-            &mesh.cloud("gcp").service().plan.host(),
-            "search",
-            &[("x-hops", &hops), ("baggage", "userId=alice")],
-        )
+        .round_trip(&[("baggage", "userId=alice")])
         .await
         .expect("round trip");
     assert_eq!(trip.status, 200, "{:?}", trip.response);
@@ -334,20 +325,6 @@ impl Traffic {
     }
 }
 
-/// Serial numbers of the CA certificates Envoy validates peers with (`/certs`).
-async fn trusted_roots(envoy: &Envoy) -> BTreeSet<String> {
-    let certs: serde_json::Value =
-        serde_json::from_str(&envoy.admin_get("/certs").await).expect("certs json");
-    certs["certificates"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|c| c["ca_cert"].as_array().into_iter().flatten())
-        .filter_map(|c| c["serial_number"].as_str())
-        .map(normalize_serial)
-        .collect()
-}
-
 fn serial_of(der: &[u8]) -> String {
     use x509_parser::prelude::FromDer;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).expect("cert");
@@ -362,13 +339,20 @@ async fn wait_for_trust(mesh: &Mesh, present: &str, absent: Option<&str>) {
                 &format!("{} trusts the new GCP root", w.plan.name),
                 Duration::from_secs(30),
                 || async {
-                    let roots = trusted_roots(&w.sidecar).await;
-                    roots.contains(present) && absent.is_none_or(|a| !roots.contains(a))
+                    let roots = w.sidecar.ca_serials().await;
+                    roots.iter().any(|r| r == present)
+                        && absent.is_none_or(|a| !roots.iter().any(|r| r == a))
                 },
             )
             .await;
         }
     }
+}
+
+/// Exactly one process (`which`) differs between the two lists of PIDs.
+fn assert_one_restarted(before: &[Option<u32>], after: &[Option<u32>], which: &str) {
+    let changed = before.iter().zip(after).filter(|(b, a)| b != a).count();
+    assert_eq!(changed, 1, "only {which} restarted: {before:?} → {after:?}");
 }
 
 /// Every process of the mesh: SDS servers, sidecars, gateways.
@@ -471,14 +455,7 @@ async fn the_mesh_survives_ca_rotation_outages_and_restarts() {
     traffic.stop_and_assert_nothing_failed("SDS restart");
     let after = all_pids(&mesh);
     assert_ne!(mesh.cloud("gcp").sds.pid(), gcp_sds_pid);
-    let changed: Vec<usize> = (0..before.len())
-        .filter(|i| before[*i] != after[*i])
-        .collect();
-    assert_eq!(
-        changed.len(),
-        1,
-        "only the SDS server restarted: {before:?} → {after:?}"
-    );
+    assert_one_restarted(&before, &after, "the SDS server");
 
     // An east-west gateway restarts: calls through it resume, nothing else restarts.
     let before = all_pids(&mesh);
@@ -494,14 +471,7 @@ async fn the_mesh_survives_ca_rotation_outages_and_restarts() {
     let call = mesh.call("aws", "azure", "process").await.expect("call");
     assert_eq!(call.status, 200, "{:?}", call.response);
     let after = all_pids(&mesh);
-    let changed: Vec<usize> = (0..before.len())
-        .filter(|i| before[*i] != after[*i])
-        .collect();
-    assert_eq!(
-        changed.len(),
-        1,
-        "only the gateway restarted: {before:?} → {after:?}"
-    );
+    assert_one_restarted(&before, &after, "the gateway");
 
     // MTU: the gateway's sockets are clamped to MSS 1300 (`ss -ti` in the gateway's network).
     let gcp_cloud = mesh.cloud("gcp");

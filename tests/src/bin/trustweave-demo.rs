@@ -113,21 +113,8 @@ async fn main() -> anyhow::Result<()> {
     }
 
     step("Round trip AWS → GCP → Azure → AWS: what each service received");
-    let hops = format!(
-        "{}/process,{}/report",
-        mesh.cloud("azure").service().plan.host(),
-        mesh.cloud("aws").service().plan.host()
-    );
     let begin = Instant::now();
-    let trip = mesh
-        .call_from(
-            "aws",
-            "orchestrator",
-            &mesh.cloud("gcp").service().plan.host(),
-            "search",
-            &[("x-hops", &hops), ("baggage", "userId=alice")],
-        )
-        .await?;
+    let trip = mesh.round_trip(&[("baggage", "userId=alice")]).await?;
     println!(
         "  HTTP {} in {:.1} ms",
         trip.status,

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 use super::netns::Site;
@@ -49,7 +49,7 @@ impl App {
                 counter.fetch_add(1, Ordering::SeqCst);
                 let (name, site) = (name.clone(), site.clone());
                 tokio::spawn(async move {
-                    let Some(headers) = read_head(&mut stream).await else {
+                    let Some(headers) = http::read_request_headers(&mut stream).await else {
                         return;
                     };
                     let body = answer(&name, headers, &site, sidecar_outbound)
@@ -75,31 +75,6 @@ impl App {
     pub fn received(&self) -> usize {
         self.received.load(Ordering::SeqCst)
     }
-}
-
-async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<BTreeMap<String, Vec<String>>> {
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-        }
-        if raw.len() > 64 * 1024 {
-            return None;
-        }
-    }
-    let head = String::from_utf8_lossy(&raw).into_owned();
-    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for line in head.split("\r\n").skip(1) {
-        if let Some((name, value)) = line.split_once(':') {
-            headers
-                .entry(name.trim().to_ascii_lowercase())
-                .or_default()
-                .push(value.trim().to_string());
-        }
-    }
-    Some(headers)
 }
 
 async fn answer(

@@ -19,7 +19,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::envoy::{sds_cluster, sds_secret};
+use crate::envoy::{istio_downstream_tls, sds_cluster, sds_secret};
 use crate::filter::{self, hcm, router, tcp_proxy};
 
 /// One outbound destination of a sidecar.
@@ -166,14 +166,7 @@ pub fn sidecar(s: &Sidecar<'_>) -> Value {
         "name": "virtualInbound",
         "address": socket_address(s.inbound),
         "filter_chains": [{
-            "transport_socket": {
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                    "require_client_certificate": true,
-                    "common_tls_context": crate::envoy::istio_tls_context(None)
-                }
-            },
+            "transport_socket": istio_downstream_tls(),
             "filters": [inbound_hcm]
         }]
     });

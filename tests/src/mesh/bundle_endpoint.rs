@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +25,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
 use crate::pki::IssuedSvid;
+use crate::tls_client::CheckedServer;
 
 /// The largest bundle document accepted.
 pub const MAX_BUNDLE_BYTES: usize = 64 * 1024;
@@ -265,11 +264,17 @@ pub async fn fetch(
 ) -> Result<PublishedBundle, BundleError> {
     let fail = |why: String| BundleError(format!("{addr}: {why}"));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = SpiffeServerVerifier {
-        roots: trusted_roots.to_vec(),
-        endpoint_id: endpoint_id.to_string(),
-        provider: Arc::clone(&provider),
-    };
+    let (roots, id, algorithms) = (
+        trusted_roots.to_vec(),
+        endpoint_id.to_string(),
+        Arc::clone(&provider),
+    );
+    let verifier = CheckedServer::new(
+        Arc::clone(&provider),
+        Box::new(move |leaf, intermediates, now| {
+            check_spiffe_server(leaf, intermediates, now, &roots, &id, &algorithms)
+        }),
+    );
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("protocol versions")
@@ -306,98 +311,54 @@ pub async fn fetch(
 
 /// `https_spiffe`: the endpoint's chain must lead to a root of the bundle held
 /// for its trust domain, and its leaf must name exactly `endpoint_id`.
-#[derive(Debug)]
-struct SpiffeServerVerifier {
-    roots: Vec<Vec<u8>>,
-    endpoint_id: String,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let invalid = |why: &str| rustls::Error::General(why.to_string());
-        let root_ders: Vec<CertificateDer<'_>> = self
-            .roots
-            .iter()
-            .map(|der| CertificateDer::from(der.as_slice()))
-            .collect();
-        let anchors: Vec<_> = root_ders
-            .iter()
-            .filter_map(|der| webpki::anchor_from_trusted_cert(der).ok())
-            .collect();
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|_| invalid("unparsable certificate"))?;
-        cert.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
-            &anchors,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| invalid(&format!("chain: {e}")))?;
-        let (_, parsed) = X509Certificate::from_der(end_entity.as_ref())
-            .map_err(|_| invalid("unparsable certificate"))?;
-        let uris: Vec<&str> = parsed
-            .extensions()
-            .iter()
-            .filter_map(|ext| match ext.parsed_extension() {
-                ParsedExtension::SubjectAlternativeName(san) => Some(&san.general_names),
-                _ => None,
-            })
-            .flatten()
-            .filter_map(|name| match name {
-                GeneralName::URI(uri) => Some(*uri),
-                _ => None,
-            })
-            .collect();
-        if uris != [self.endpoint_id.as_str()] {
-            return Err(invalid("not the expected bundle endpoint SPIFFE ID"));
-        }
-        Ok(ServerCertVerified::assertion())
+fn check_spiffe_server(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    roots: &[Vec<u8>],
+    endpoint_id: &str,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<(), rustls::Error> {
+    let invalid = |why: &str| rustls::Error::General(why.to_string());
+    let root_ders: Vec<CertificateDer<'_>> = roots
+        .iter()
+        .map(|der| CertificateDer::from(der.as_slice()))
+        .collect();
+    let anchors: Vec<_> = root_ders
+        .iter()
+        .filter_map(|der| webpki::anchor_from_trusted_cert(der).ok())
+        .collect();
+    let cert = webpki::EndEntityCert::try_from(end_entity)
+        .map_err(|_| invalid("unparsable certificate"))?;
+    cert.verify_for_usage(
+        provider.signature_verification_algorithms.all,
+        &anchors,
+        intermediates,
+        now,
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| invalid(&format!("chain: {e}")))?;
+    let (_, parsed) = X509Certificate::from_der(end_entity.as_ref())
+        .map_err(|_| invalid("unparsable certificate"))?;
+    let uris: Vec<&str> = parsed
+        .extensions()
+        .iter()
+        .filter_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => Some(&san.general_names),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    if uris != [endpoint_id] {
+        return Err(invalid("not the expected bundle endpoint SPIFFE ID"));
     }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -536,6 +536,22 @@ impl Mesh {
         })
     }
 
+    /// The guide's round trip: the AWS orchestrator asks GCP's search worker to
+    /// `search`, which asks Azure's processor to `process`, which `report`s to
+    /// AWS's collector; `extra` headers go on the first request.
+    pub async fn round_trip(&self, extra: &[(&str, &str)]) -> std::io::Result<Call> {
+        let hops = format!(
+            "{}/process,{}/report",
+            self.cloud("azure").service().plan.host(),
+            self.cloud("aws").service().plan.host()
+        );
+        let mut headers = vec![(app::HOPS_HEADER, hops.as_str())];
+        headers.extend_from_slice(extra);
+        let search = self.cloud("gcp").service().plan.host();
+        self.call_from("aws", "orchestrator", &search, "search", &headers)
+            .await
+    }
+
     /// `from`'s caller calls `to`'s service asking for `action`.
     pub async fn call(&self, from: &str, to: &str, action: &str) -> std::io::Result<Call> {
         let caller = self.cloud(from).caller().plan.name;
