@@ -386,15 +386,16 @@ async fn the_mesh_survives_ca_rotation_outages_and_restarts() {
     wait_for_trust(&mesh, &new_root, None).await; // the bundle refresh carried it everywhere
     traffic.wait_for_successes(10).await;
     gcp.activate_next_ca();
-    let search = mesh.cloud("gcp").service();
-    let pid = search.sidecar.pid().expect("pid");
-    let serial = normalize_serial(&gcp.agent().svid_serial(pid).expect("issued"));
-    wait_until(
-        "GCP's search holds its new SVID",
-        Duration::from_secs(20),
-        || async { search.sidecar.cert_serials().await.contains(&serial) },
-    )
-    .await;
+    for w in &mesh.cloud("gcp").workloads {
+        let pid = w.sidecar.pid().expect("pid");
+        let serial = normalize_serial(&gcp.agent().svid_serial(pid).expect("issued"));
+        wait_until(
+            &format!("GCP's {} holds its SVID from the new CA", w.plan.name),
+            Duration::from_secs(20),
+            || async { w.sidecar.cert_serials().await.contains(&serial) },
+        )
+        .await;
+    }
     traffic.wait_for_successes(10).await;
     gcp.retire_old_ca();
     wait_for_trust(&mesh, &new_root, Some(&old_root)).await;
@@ -520,6 +521,11 @@ async fn the_mesh_survives_ca_rotation_outages_and_restarts() {
         },
     )
     .await;
+    assert_eq!(
+        aws.agent().bundle("gcp.company.com"),
+        Some(gcp.roots()),
+        "the last bundle is kept"
+    );
     traffic.wait_for_successes(10).await;
     traffic.stop_and_assert_nothing_failed("bundle endpoint unreachable");
 
