@@ -157,6 +157,16 @@ pub mod ports {
     pub const SDS_ADMIN: u16 = 15200;
 }
 
+/// Last octets of a cloud's addresses (pods: [`WorkloadPlan::pod`]).
+pub mod hosts {
+    /// East-west gateway.
+    pub const GATEWAY: u8 = 1;
+    /// SPIRE server (bundle endpoint), host-side.
+    pub const SPIRE_SERVER: u8 = 2;
+    /// The node's trustweave-sds admin endpoint, host-side.
+    pub const SDS: u8 = 3;
+}
+
 /// Options of a mesh.
 #[derive(Clone, Debug)]
 pub struct MeshOptions {
@@ -325,11 +335,15 @@ impl Mesh {
         let subnet = options.subnet;
         let namespaces = if options.namespaces {
             let names: Vec<&str> = plan.iter().map(|c| c.name).collect();
-            let addresses: Vec<Vec<IpAddr>> = (0..plan.len())
-                .map(|i| {
-                    [1, 10, 20]
+            // The gateway's and the pods' addresses, inside each cloud's namespace.
+            let addresses: Vec<Vec<IpAddr>> = plan
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    std::iter::once(hosts::GATEWAY)
+                        .chain(c.workloads.iter().map(|w| w.pod))
                         .map(|h| data_address(subnet, true, i, h))
-                        .to_vec()
+                        .collect()
                 })
                 .collect();
             Some(Namespaces::create(subnet, &names, &addresses)?)
@@ -353,7 +367,10 @@ impl Mesh {
                     cloud.trust_domain,
                     &dir.join("admin.sock"),
                     &node_sds::delegate_id(cloud.trust_domain),
-                    SocketAddr::new(address(subnet, i, 2), ports::BUNDLE_ENDPOINT),
+                    SocketAddr::new(
+                        address(subnet, i, hosts::SPIRE_SERVER),
+                        ports::BUNDLE_ENDPOINT,
+                    ),
                     options.refresh,
                     options.svid_ttl,
                 )
@@ -385,7 +402,7 @@ impl Mesh {
                         endpoint: if i == from {
                             SocketAddr::new(data(i, w.pod), ports::INBOUND)
                         } else {
-                            SocketAddr::new(data(i, 1), ports::GATEWAY)
+                            SocketAddr::new(data(i, hosts::GATEWAY), ports::GATEWAY)
                         },
                     })
                 })
@@ -400,7 +417,7 @@ impl Mesh {
                 &options.sds_bin,
                 &dir,
                 &spire,
-                SocketAddr::new(address(subnet, i, 3), ports::SDS_ADMIN),
+                SocketAddr::new(address(subnet, i, hosts::SDS), ports::SDS_ADMIN),
             )
             .await?;
             let routes = route(i);
@@ -460,7 +477,7 @@ impl Mesh {
                     outbound,
                 });
             }
-            let gateway_addr = SocketAddr::new(data(i, 1), ports::GATEWAY);
+            let gateway_addr = SocketAddr::new(data(i, hosts::GATEWAY), ports::GATEWAY);
             let chains: Vec<(String, SocketAddr)> = cloud
                 .workloads
                 .iter()
