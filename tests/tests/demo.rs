@@ -29,6 +29,7 @@ async fn the_cross_cloud_demo_prints_its_report() {
         "caller        spiffe://azure.company.com/ns/processing/sa/processor",
         "trustweave.hops=gcp:us-central1>azure:eastus>aws:us-east-1",
         "spans at the OTLP receiver from collector.aws, orchestrator.aws, processor.azure, search.gcp",
+        "aws    ← gcp.company.com (",
         "default: spiffe://gcp.company.com/ns/search/sa/search-worker",
         "trusts:  aws.company.com, azure.company.com, gcp.company.com, onprem.company.com",
         "demo complete",

@@ -157,6 +157,23 @@ async fn main() -> anyhow::Result<()> {
         services.join(", ")
     );
 
+    step("Federation: each SPIRE polls its peers' bundle endpoints (https_spiffe)");
+    for cloud in &mesh.clouds {
+        let peers: Vec<String> = mesh
+            .clouds
+            .iter()
+            .filter(|peer| peer.plan.federated && peer.plan.name != cloud.plan.name)
+            .map(|peer| {
+                let polls = cloud.spire.polls(peer.plan.trust_domain);
+                format!(
+                    "{} ({} ok, {} failed)",
+                    peer.plan.trust_domain, polls.ok, polls.failed
+                )
+            })
+            .collect();
+        println!("  {:<6} ← {}", cloud.plan.name, peers.join(", "));
+    }
+
     step("What each node's trustweave-sds serves its Envoys (trustweave-sds inspect --workloads)");
     for cloud in &mesh.clouds {
         println!("  [{}]", cloud.plan.name);

@@ -145,8 +145,9 @@ impl SpireStandIn {
         let task = tokio::spawn(async move {
             let endpoint_id = server_id(&peer_td);
             let mut held = bootstrap;
+            let mut wait = refresh;
             loop {
-                tokio::time::sleep(refresh).await;
+                tokio::time::sleep(wait).await;
                 let fetched =
                     bundle_endpoint::fetch(peer_endpoint, &endpoint_id, &held, refresh).await;
                 let mut polls = polls.lock().expect("polls");
@@ -154,6 +155,11 @@ impl SpireStandIn {
                 match fetched {
                     Ok(bundle) => {
                         stats.ok += 1;
+                        // As SPIRE: the publisher's refresh hint, if sooner than ours.
+                        wait = match bundle.refresh_hint {
+                            hint if hint.is_zero() => refresh,
+                            hint => hint.min(refresh),
+                        };
                         if bundle.roots != held {
                             held = bundle.roots;
                             agent.set_bundle(&peer_td, held.clone());
