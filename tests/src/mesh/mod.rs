@@ -350,6 +350,14 @@ impl Mesh {
         } else {
             None
         };
+        eprintln!(
+            "mesh {subnet}: {}",
+            if namespaces.is_some() {
+                "each cloud in its own network namespace"
+            } else {
+                "every cloud on loopback addresses"
+            }
+        );
         let site = |i: usize| match &namespaces {
             Some(ns) => Site::Namespace(Arc::clone(&ns.clouds[i])),
             None => Site::Host,

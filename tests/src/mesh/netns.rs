@@ -39,15 +39,27 @@ fn ip(args: &[&str]) -> std::io::Result<()> {
 }
 
 impl NetNs {
-    /// Whether namespaces can be used here: root, and `ip netns` works.
+    /// Whether namespaces can be used here: root, and a namespace with a
+    /// bridge and a veth pair can be made (a probe, deleted at once).
+    /// Probed once per process.
     pub fn available() -> bool {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(Self::probe)
+    }
+
+    fn probe() -> bool {
         if !rustix::process::geteuid().is_root() {
             return false;
         }
-        let probe = format!("tw-probe-{}", std::process::id());
-        let works = ip(&["netns", "add", &probe]).is_ok();
-        let _ = ip(&["netns", "del", &probe]);
-        works
+        let Ok(probe) = Self::create(&format!("tw-probe-{}", std::process::id())) else {
+            return false;
+        };
+        probe.ip(&["link", "add", "br0", "type", "bridge"]).is_ok()
+            && probe
+                .ip(&[
+                    "link", "add", "name", "twa", "type", "veth", "peer", "name", "twb",
+                ])
+                .is_ok()
     }
 
     /// Creates namespace `name` (replacing a stale one) with its loopback up.
