@@ -245,11 +245,6 @@ async fn stalled_readers_never_delay_the_others_nor_hold_shutdown() {
     drop(stalled);
 }
 
-/// The `trustweave-sds` binary built next to these tests (`make test` builds it first).
-fn sds_binary() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/trustweave-sds")
-}
-
 /// CPU seconds a process has used so far.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -270,7 +265,8 @@ async fn exhausted_descriptors_back_off_instead_of_spinning_and_recover() {
     let dir = sds::socket_dir();
     let socket = sds::path_in(&dir, "sds.sock");
     let log = sds::path_in(&dir, "sds.log");
-    let binary = sds_binary();
+    // Built next to these tests by `make test` (`cargo build --workspace --bins`).
+    let binary = trustweave_e2e::mesh::node_sds::binary();
     assert!(
         binary.exists(),
         "{} missing: cargo build --workspace --bins",

@@ -225,6 +225,16 @@ async fn each_envoy_on_one_node_socket_holds_its_own_svid() {
 }
 
 /// Envoy's readiness: `LIVE` only once every listener and cluster has its secrets.
+/// Waits until the process `pid` has an SDS connection to the node's server.
+async fn wait_connected(sds: &RunningServer, pid: u32) {
+    wait_until(
+        &format!("PID {pid} connected"),
+        Duration::from_secs(10),
+        || async { sds.workloads().iter().any(|w| w.pid == pid) },
+    )
+    .await;
+}
+
 async fn is_live(envoy: &Envoy) -> bool {
     envoy.admin_get("/ready").await.trim() == "LIVE"
 }
@@ -233,12 +243,7 @@ async fn is_live(envoy: &Envoy) -> bool {
 async fn an_unregistered_envoy_gets_no_certificate_and_no_handshake() {
     let n = node().await;
     let unregistered = pid(&n.unregistered);
-    wait_until(
-        "the unregistered Envoy connected",
-        Duration::from_secs(10),
-        || async { n.sds.workloads().iter().any(|w| w.pid == unregistered) },
-    )
-    .await;
+    wait_connected(&n.sds, unregistered).await;
     // Counted (the others may have been too, for the moment between their
     // start and their registration).
     wait_until(
@@ -391,16 +396,10 @@ async fn inspect_lists_each_workload_and_the_identity_it_is_served() {
         served_and_held(&n.sds, envoy).await;
     }
     let unregistered = pid(&n.unregistered);
-    wait_until(
-        "the unregistered Envoy connected",
-        Duration::from_secs(10),
-        || async { n.sds.workloads().iter().any(|w| w.pid == unregistered) },
-    )
-    .await;
+    wait_connected(&n.sds, unregistered).await;
     let admin = n.sds.admin_addr().expect("admin");
     // Built by `make test` (`cargo build --workspace --bins`) before the tests run.
-    let binary =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/trustweave-sds");
+    let binary = trustweave_e2e::mesh::node_sds::binary();
     let output = tokio::process::Command::new(binary)
         .args(["inspect", "--workloads", "--admin-addr", &admin.to_string()])
         .output()

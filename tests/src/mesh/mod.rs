@@ -252,16 +252,11 @@ impl Cloud {
     pub fn caller(&self) -> &Workload {
         self.workloads.last().expect("a workload")
     }
+}
 
-    /// Restarts the east-west gateway (a new process on the same address).
-    pub async fn restart_gateway(&mut self, dir: &Path) {
-        self.gateway = None; // killed on drop
-        let name = format!("{}-eastwest", self.plan.name);
-        wait_for_port_free(&self.site, self.gateway_addr).await;
-        let gateway = Envoy::start_at(&self.site, &name, dir, &self.gateway_bootstrap).await;
-        gateway.wait_live().await;
-        self.gateway = Some(gateway);
-    }
+/// The name of cloud `plan`'s gateway Envoy (its files in the mesh directory).
+fn gateway_name(plan: &CloudPlan) -> String {
+    format!("{}-eastwest", plan.name)
 }
 
 fn federation_peers(cloud: &CloudPlan, all: &[CloudPlan]) -> Vec<&'static str> {
@@ -325,6 +320,23 @@ impl Mesh {
             .iter_mut()
             .find(|c| c.plan.name == name)
             .unwrap_or_else(|| panic!("no cloud {name}"))
+    }
+
+    /// Restarts cloud `name`'s east-west gateway (a new process on the same address).
+    pub async fn restart_gateway(&mut self, name: &str) {
+        let dir = self.options.dir.clone();
+        let cloud = self.cloud_mut(name);
+        cloud.gateway = None; // killed on drop
+        wait_for_port_free(&cloud.site, cloud.gateway_addr).await;
+        let gateway = Envoy::start_at(
+            &cloud.site,
+            &gateway_name(&cloud.plan),
+            &dir,
+            &cloud.gateway_bootstrap,
+        )
+        .await;
+        gateway.wait_live().await;
+        cloud.gateway = Some(gateway);
     }
 
     /// Builds and starts everything; returns once every Envoy is `LIVE`.
@@ -501,7 +513,7 @@ impl Mesh {
                 Some(
                     Envoy::start_at(
                         &site,
-                        &format!("{}-eastwest", cloud.name),
+                        &gateway_name(cloud),
                         &options.dir,
                         &gateway_bootstrap,
                     )
