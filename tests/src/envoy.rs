@@ -234,8 +234,13 @@ fn regex_escape(s: &str) -> String {
 
 /// The cluster through which Envoy reaches the SDS server on a Unix socket (Istio: `sds-grpc`).
 pub fn sds_cluster(sds_socket: &Path) -> Value {
+    grpc_unix_cluster("sds-grpc", sds_socket)
+}
+
+/// A gRPC (HTTP/2) cluster named `name` to a server on Unix socket `socket`.
+pub fn grpc_unix_cluster(name: &str, socket: &Path) -> Value {
     json!({
-        "name": "sds-grpc",
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
@@ -245,8 +250,8 @@ pub fn sds_cluster(sds_socket: &Path) -> Value {
             }
         },
         "load_assignment": {
-            "cluster_name": "sds-grpc",
-            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "pipe": { "path": sds_socket } } } }] }]
+            "cluster_name": name,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "pipe": { "path": socket } } } }] }]
         }
     })
 }

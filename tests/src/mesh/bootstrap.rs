@@ -19,7 +19,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::envoy::{istio_downstream_tls, sds_cluster, sds_secret};
+use crate::envoy::{grpc_unix_cluster, istio_downstream_tls, sds_cluster, sds_secret};
 use crate::filter::{self, hcm, router, tcp_proxy};
 
 /// One outbound destination of a sidecar.
@@ -64,30 +64,13 @@ fn socket_address(addr: SocketAddr) -> Value {
     json!({ "socket_address": { "address": addr.ip().to_string(), "port_value": addr.port() } })
 }
 
-fn static_cluster(name: &str, addr: SocketAddr, http2: bool) -> Value {
-    let mut cluster = json!({
+fn static_cluster(name: &str, addr: SocketAddr) -> Value {
+    json!({
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
         "load_assignment": { "cluster_name": name, "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": socket_address(addr) } }] }] }
-    });
-    if http2 {
-        cluster["typed_extension_protocol_options"] = json!({
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": { "http2_protocol_options": {} }
-            }
-        });
-    }
-    cluster
-}
-
-/// The OTLP receiver, gRPC over its Unix socket.
-fn otlp_cluster(socket: &Path) -> Value {
-    let mut cluster = static_cluster("otlp", "127.0.0.1:4317".parse().expect("addr"), true);
-    cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] =
-        json!({ "pipe": { "path": socket } });
-    cluster
+    })
 }
 
 /// The shipped `tracing` block (sampling, `custom_tags`) with Envoy's OpenTelemetry tracer.
@@ -125,11 +108,7 @@ fn upstream_tls(route: &Route) -> Value {
 }
 
 fn outbound_cluster(route: &Route) -> Value {
-    let mut cluster = static_cluster(
-        &format!("outbound|8080||{}", route.host),
-        route.endpoint,
-        false,
-    );
+    let mut cluster = static_cluster(&format!("outbound|8080||{}", route.host), route.endpoint);
     cluster["transport_socket"] = upstream_tls(route);
     // One request per connection: every call is a handshake, so the faults
     // (rotation, federation, restarts) are seen on handshakes.
@@ -199,8 +178,8 @@ pub fn sidecar(s: &Sidecar<'_>) -> Value {
         }] }]
     });
     let mut clusters = vec![
-        static_cluster("app", s.app, false),
-        otlp_cluster(s.otlp),
+        static_cluster("app", s.app),
+        grpc_unix_cluster("otlp", s.otlp),
         sds_cluster(s.sds_socket),
     ];
     clusters.extend(s.routes.iter().map(outbound_cluster));
@@ -221,7 +200,7 @@ pub fn eastwest_gateway(
         .enumerate()
         .map(|(i, (sni, pod))| {
             let cluster = format!("passthrough{i}");
-            clusters.push(static_cluster(&cluster, *pod, false));
+            clusters.push(static_cluster(&cluster, *pod));
             json!({
                 "filter_chain_match": { "server_names": [sni] },
                 "filters": [sni_filter.clone(), tcp_proxy(&cluster)]
