@@ -1,6 +1,10 @@
 //! The admin endpoint: `/healthz`, `/readyz`, Prometheus `/metrics`, and in
 //! node mode `/debug/workloads` (each attested workload and the identity it is
 //! served — SPIFFE IDs, serials and trust domains, never a key).
+//!
+//! `/debug/*` maps the node's workloads: it is served only on loopback — on
+//! the admin address when that is loopback, and on the separate debug address
+//! (`--debug-addr`, loopback only) — never on an address other pods reach.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,15 +45,29 @@ pub fn is_ready(node_mode: bool, published: &Published) -> bool {
         .is_some_and(|svid| !svid.leaf.is_expired_at(SystemTime::now()))
 }
 
-/// Serves the admin endpoint on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, state: AdminState) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .route("/debug/workloads", get(workloads))
-        .with_state(state);
-    axum::serve(listener, app).await
+/// Which routes a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routes {
+    /// Health, readiness and metrics, plus `/debug/*` when bound to loopback.
+    Admin,
+    /// `/debug/*` only (a loopback listener of its own).
+    Debug,
+}
+
+/// Serves `routes` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, state: AdminState, routes: Routes) -> std::io::Result<()> {
+    let loopback = listener.local_addr()?.ip().is_loopback();
+    let mut app = Router::new();
+    if routes == Routes::Admin {
+        app = app
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_text));
+    }
+    if loopback {
+        app = app.route("/debug/workloads", get(workloads));
+    }
+    axum::serve(listener, app.with_state(state)).await
 }
 
 async fn workloads(State(state): State<AdminState>) -> impl IntoResponse {

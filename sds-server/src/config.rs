@@ -112,6 +112,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: String,
 
+    /// Loopback address serving `/debug/*` (the node's workload map), for an
+    /// admin address that is not loopback; `off` (the default) disables it.
+    #[arg(long, default_value = "off")]
+    pub debug_addr: String,
+
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -183,6 +188,8 @@ pub struct ServerConfig {
     pub trust_format: TrustFormat,
     /// Admin endpoint address, if enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// Loopback address of `/debug/*`, if enabled.
+    pub debug_addr: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -232,6 +239,21 @@ impl ServeArgs {
                 addr.parse()
                     .map_err(|e| invalid("--admin-addr", format!("{addr:?}: {e}")))?,
             ),
+        };
+        let debug_addr = match self.debug_addr.as_str() {
+            "off" | "" => None,
+            addr => {
+                let parsed: SocketAddr = addr
+                    .parse()
+                    .map_err(|e| invalid("--debug-addr", format!("{addr:?}: {e}")))?;
+                if !parsed.ip().is_loopback() {
+                    return Err(invalid(
+                        "--debug-addr",
+                        format!("{addr:?} is not loopback: /debug/* lists every workload of the node"),
+                    ));
+                }
+                Some(parsed)
+            }
         };
         if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
             return Err(invalid(
@@ -293,6 +315,7 @@ impl ServeArgs {
             names,
             trust_format: self.rootca_format,
             admin_addr,
+            debug_addr,
         })
     }
 }

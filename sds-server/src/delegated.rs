@@ -27,7 +27,7 @@
 //! against the leaf's URI SAN, keys against certificates, bundle keys as
 //! trust-domain names, counts against bounds.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -36,10 +36,10 @@ use spire_api::pb::spire::api::agent::delegatedidentity::v1::{
     delegated_identity_client::DelegatedIdentityClient, SubscribeToX509BundlesRequest,
     SubscribeToX509BundlesResponse, SubscribeToX509sviDsRequest, SubscribeToX509sviDsResponse,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
 use crate::metrics::Metrics;
@@ -49,6 +49,7 @@ use crate::snapshot::{
     IdentitySnapshot, PrivateKeyDer, Published, SnapshotError, Svid, TrustBundle,
 };
 use crate::source::{Backoff, IdentityOwner};
+use crate::workload::{Delegation, Event, Note, WorkloadState};
 
 /// Most trust domains one bundle update may carry.
 pub const MAX_TRUST_DOMAINS: usize = 1024;
@@ -68,8 +69,7 @@ pub struct DelegatedConfig {
     pub max_backoff: Duration,
 }
 
-/// Bundles the agent holds: bare trust-domain name → roots.
-pub type BundleSet = BTreeMap<String, TrustBundle>;
+pub use crate::workload::{BundleSet, WorkloadUpdate};
 
 /// Why an agent message was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -200,15 +200,6 @@ pub fn parse_bundles(
     Ok(bundles)
 }
 
-/// One workload's SVIDs (in the agent's order; the first is `default`) and federation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkloadUpdate {
-    /// The SVIDs.
-    pub svids: Vec<Svid>,
-    /// Bare names of the trust domains the workload federates with.
-    pub federates_with: BTreeSet<String>,
-}
-
 /// The single SPIFFE ID in a leaf's URI SANs.
 fn leaf_spiffe_id(der: &[u8]) -> Result<String, String> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
@@ -292,26 +283,11 @@ pub fn parse_workload_update(
     })
 }
 
-/// A workload's snapshot: its SVIDs, with the bundles of its own trust
-/// domains and of the trust domains it federates with (and no others).
-pub fn workload_snapshot(
-    update: &WorkloadUpdate,
-    bundles: &BundleSet,
-    now: SystemTime,
-) -> Result<IdentitySnapshot, SnapshotError> {
-    let wanted: BTreeSet<&str> = update
-        .svids
-        .iter()
-        .map(Svid::trust_domain)
-        .chain(update.federates_with.iter().map(String::as_str))
-        .collect();
-    let scoped = bundles
-        .iter()
-        .filter(|(td, _)| wanted.contains(td.as_str()))
-        .map(|(td, bundle)| (td.clone(), bundle.clone()))
-        .collect();
-    IdentitySnapshot::from_parts(update.svids.clone(), scoped, now)
-}
+/// How long a `FetchSecrets` call waits for the agent's first answer about its workload.
+pub const FETCH_FIRST_ANSWER_WAIT: Duration = Duration::from_secs(5);
+/// How long a workload's subscription outlives the `FetchSecrets` call that
+/// opened it, so that repeated calls reuse one subscription (one attestation).
+pub const FETCH_LINGER: Duration = Duration::from_secs(30);
 
 /// The node's identity source: the bundle subscription and every attested workload.
 #[derive(Debug)]
@@ -320,16 +296,17 @@ pub struct NodeIdentities {
     names: SecretNames,
     metrics: Arc<Metrics>,
     channel: tokio::sync::Mutex<Option<Channel>>,
-    bundles: watch::Receiver<Arc<BundleSet>>,
+    delegation: watch::Receiver<Delegation>,
     workloads: Mutex<HashMap<u32, Weak<WorkloadLease>>>,
 }
 
 /// One attested workload, held by each of its streams; the subscription
-/// ends when the last holder drops it.
+/// ends when the last holder drops it. At most one per live process.
 #[derive(Debug)]
 pub struct WorkloadLease {
     process: Arc<ProcessHandle>,
     snapshots: watch::Receiver<Arc<Published>>,
+    settled: watch::Receiver<bool>,
     task: JoinHandle<()>,
     node: Weak<NodeIdentities>,
 }
@@ -343,6 +320,15 @@ impl WorkloadLease {
     /// The workload's PID.
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// Waits (at most `wait`) until the agent has answered for this workload
+    /// once — with SVIDs or without; whether it did.
+    pub async fn first_answer(&self, wait: Duration) -> bool {
+        let mut settled = self.settled.clone();
+        tokio::time::timeout(wait, settled.wait_for(|s| *s))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -385,17 +371,17 @@ impl NodeIdentities {
         metrics: Arc<Metrics>,
         node_tx: watch::Sender<Arc<Published>>,
     ) -> (Arc<Self>, JoinHandle<()>) {
-        let (bundles_tx, bundles) = watch::channel(Arc::new(BundleSet::new()));
+        let (delegation_tx, delegation) = watch::channel(Delegation::Pending);
         let node = Arc::new(Self {
             config,
             names,
             metrics,
             channel: tokio::sync::Mutex::new(None),
-            bundles,
+            delegation,
             workloads: Mutex::new(HashMap::new()),
         });
         let node_owner = IdentityOwner::new(node_tx, node.names.clone(), Arc::clone(&node.metrics));
-        let task = tokio::spawn(run_bundles(Arc::clone(&node), bundles_tx, node_owner));
+        let task = tokio::spawn(run_bundles(Arc::clone(&node), delegation_tx, node_owner));
         (node, task)
     }
 
@@ -418,7 +404,8 @@ impl NodeIdentities {
     }
 
     /// The lease on `process`'s identity: the running subscription of that
-    /// process, or a new one. `None` when the process has already exited.
+    /// very process, or a new one. `None` when the process has already exited,
+    /// or when a live lease for its PID belongs to another process.
     pub fn attach(self: &Arc<Self>, process: &Arc<ProcessHandle>) -> Option<Arc<WorkloadLease>> {
         if process.has_exited() {
             return None;
@@ -429,9 +416,16 @@ impl NodeIdentities {
         let stale: Option<Arc<WorkloadLease>>;
         let mut workloads = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = workloads.get(&pid).and_then(Weak::upgrade) {
-            // A live process holds its PID: the entry is this very process.
             if !existing.process.has_exited() {
-                return Some(existing);
+                if existing.process.is_same_process(process) {
+                    return Some(existing);
+                }
+                // Two live handles on one PID that name different processes:
+                // one of them is not what it claims. Serve neither a stranger's SVID.
+                drop(workloads);
+                self.metrics.attestation_failed("pid_mismatch");
+                warn!(pid, "a live workload already holds this PID with another start time; refused");
+                return None;
             }
             stale = Some(existing);
         } else {
@@ -441,14 +435,17 @@ impl NodeIdentities {
             IdentitySnapshot::default(),
             &self.names,
         )));
+        let (settled_tx, settled) = watch::channel(false);
         let owner = IdentityOwner::new(tx, self.names.clone(), Arc::clone(&self.metrics));
         let span = tracing::info_span!("workload", pid);
         let task = tokio::spawn(
-            run_workload(Arc::clone(self), Arc::clone(process), owner).instrument(span),
+            run_workload(Arc::clone(self), Arc::clone(process), owner, settled_tx)
+                .instrument(span),
         );
         let lease = Arc::new(WorkloadLease {
             process: Arc::clone(process),
             snapshots,
+            settled,
             task,
             node: Arc::downgrade(self),
         });
@@ -492,27 +489,67 @@ impl NodeIdentities {
     fn attestation_failed(&self, reason: &'static str) {
         self.metrics.attestation_failed(reason);
     }
+
+    /// Counts and logs what a workload's state machine reported.
+    fn report_notes(&self, notes: &[Note]) {
+        for note in notes {
+            match note {
+                Note::Attested(spiffe_id) => info!(%spiffe_id, "workload attested"),
+                Note::Unregistered => {
+                    self.attestation_failed("no_identity");
+                    warn!("no registration entry matches this process; it is served no SVID until one does");
+                }
+                Note::Withdrawn => {
+                    self.attestation_failed("withdrawn");
+                    warn!("SPIRE withdrew this workload's identity (its entry was deleted or no longer matches); it is served nothing");
+                }
+                Note::Denied => {
+                    self.attestation_failed("permission_denied");
+                    warn!("the agent refuses this server as a delegate; the workload is served nothing");
+                }
+                Note::DefaultExpired => warn!("the default X.509-SVID expired; no default is served until SPIRE sends a new one"),
+                Note::WithoutBundle(count) => {
+                    self.metrics.reject("no_bundle");
+                    warn!(count, "SVIDs whose trust domain has no bundle on this node are not served");
+                }
+                Note::Exited => {
+                    self.attestation_failed("process_exited");
+                    info!("workload process exited; its SVIDs are withdrawn");
+                }
+            }
+        }
+    }
 }
 
-/// Why one workload subscription ended.
-enum Ended {
-    /// The process exited: never subscribe for its PID again.
-    Exited,
-    /// The agent closed the stream or failed; retried.
-    Failed(&'static str, String),
-}
-
-/// The bundle subscription: parses every update and publishes it to the
-/// workloads (and, bundle-only, as the node snapshot for readiness and metrics).
+/// The bundle subscription: parses every update and publishes the node's
+/// delegation to the workloads (and, bundle-only, as the node snapshot for
+/// readiness and metrics). Outages keep the last bundles; `PermissionDenied`
+/// (or an agent in another PID namespace) revokes everything.
 async fn run_bundles(
     node: Arc<NodeIdentities>,
-    bundles_tx: watch::Sender<Arc<BundleSet>>,
+    delegation_tx: watch::Sender<Delegation>,
     node_owner: IdentityOwner,
 ) {
     let mut backoff = Backoff::new(node.config.min_backoff, node.config.max_backoff);
     let mut down_logged = false;
+    let revoke = |label: &'static str| {
+        node.metrics.delegated_api_connected.set(0);
+        node.attestation_failed(label);
+        delegation_tx.send_if_modified(|current| {
+            let changed = *current != Delegation::Revoked;
+            *current = Delegation::Revoked;
+            changed
+        });
+        node_owner.publish(IdentitySnapshot::default());
+    };
     loop {
-        let reason = match subscribe_bundles(&node).await {
+        if let Err(reason) = crate::peer::check_agent_pid_namespace(&node.config.endpoint).await {
+            error!(%reason, "the SPIRE agent cannot attest this node's PIDs; serving nothing");
+            revoke("pid_namespace");
+            tokio::time::sleep(node.config.max_backoff).await;
+            continue;
+        }
+        let ended = match subscribe_bundles(&node).await {
             Ok(mut stream) => loop {
                 match stream.message().await {
                     Ok(Some(response)) => match parse_bundles(&response) {
@@ -526,16 +563,19 @@ async fn run_bundles(
                             }
                             node.metrics.delegated_api_connected.set(1);
                             backoff.reset();
-                            let bundles = Arc::new(bundles);
-                            bundles_tx.send_if_modified(|current| {
-                                let changed = *current != bundles;
-                                *current = Arc::clone(&bundles);
-                                changed
-                            });
+                            let granted = Delegation::Granted(Arc::new(bundles));
                             let snapshot = IdentitySnapshot {
-                                bundles: (*bundles).clone(),
+                                bundles: match &granted {
+                                    Delegation::Granted(b) => (**b).clone(),
+                                    _ => Default::default(),
+                                },
                                 ..IdentitySnapshot::default()
                             };
+                            delegation_tx.send_if_modified(|current| {
+                                let changed = *current != granted;
+                                *current = granted;
+                                changed
+                            });
                             node_owner.publish(snapshot);
                         }
                         Err(error) => {
@@ -543,10 +583,22 @@ async fn run_bundles(
                             warn!(%error, "the agent sent unusable bundles; keeping the last good ones");
                         }
                     },
-                    Ok(None) => break "the agent closed the bundle stream".to_string(),
-                    Err(status) => break format!("{}: {}", status.code(), status.message()),
+                    Ok(None) => break Err("the agent closed the bundle stream".to_string()),
+                    Err(status) => break Ok(status),
                 }
             },
+            Err(Ok(status)) => Ok(status),
+            Err(Err(reason)) => Err(reason),
+        };
+        let reason = match ended {
+            Ok(status) if status.code() == tonic::Code::PermissionDenied => {
+                error!(reason = %status.message(), "the SPIRE agent refuses this server as a delegate (authorized_delegates); serving nothing until it accepts it again");
+                revoke("permission_denied");
+                down_logged = true;
+                tokio::time::sleep(node.config.max_backoff).await;
+                continue;
+            }
+            Ok(status) => format!("{}: {}", status.code(), status.message()),
             Err(reason) => reason,
         };
         node.metrics.delegated_api_connected.set(0);
@@ -561,76 +613,133 @@ async fn run_bundles(
     }
 }
 
+/// Opens the bundle stream: `Err(Ok(status))` when the agent answered with an
+/// error, `Err(Err(reason))` when it could not be reached.
 async fn subscribe_bundles(
     node: &NodeIdentities,
-) -> Result<tonic::Streaming<SubscribeToX509BundlesResponse>, String> {
-    let mut client = node.client().await?;
+) -> Result<tonic::Streaming<SubscribeToX509BundlesResponse>, Result<tonic::Status, String>> {
+    let mut client = node.client().await.map_err(Err)?;
     client
         .subscribe_to_x509_bundles(SubscribeToX509BundlesRequest {})
         .await
         .map(tonic::Response::into_inner)
-        .map_err(|status| format!("{}: {}", status.code(), status.message()))
+        .map_err(Ok)
 }
 
-/// One workload's subscription, retried until its process exits or its last stream closes.
+/// One workload, until its process exits or its last stream closes: the I/O
+/// loop around its [`WorkloadState`], the only writer of its snapshots.
 async fn run_workload(
     node: Arc<NodeIdentities>,
     process: Arc<ProcessHandle>,
     owner: IdentityOwner,
+    settled: watch::Sender<bool>,
 ) {
-    let mut backoff = Backoff::new(node.config.min_backoff, node.config.max_backoff);
-    let mut latest: Option<WorkloadUpdate> = None;
-    let mut told_unattested = false;
-    let mut bundles = node.bundles.clone();
+    let mut delegation = node.delegation.clone();
+    let mut state = WorkloadState::new(delegation.borrow_and_update().clone());
+    let (events_tx, mut events) = mpsc::channel(4);
+    let feeder = AbortOnDrop(tokio::spawn(feed_svids(
+        Arc::clone(&node),
+        Arc::clone(&process),
+        events_tx,
+    )));
+    let mut feeding = true;
     loop {
-        let attempt = stream_workload(
-            &node,
-            &process,
-            &owner,
-            &mut latest,
-            &mut bundles,
-            &mut told_unattested,
-            &mut backoff,
-        );
-        let ended = tokio::select! {
-            ended = owner.expiring_while(attempt) => ended,
-            () = process.exited() => Ended::Exited,
+        let wake = state.next_expiry(SystemTime::now());
+        let event = tokio::select! {
+            event = events.recv(), if feeding => match event {
+                Some(event) => event,
+                // The feeder stops only when the process is gone.
+                None => { feeding = false; continue; }
+            },
+            changed = delegation.changed() => match changed {
+                Ok(()) => Event::Node(delegation.borrow_and_update().clone()),
+                Err(_) => return,
+            },
+            () = sleep_until(wake) => Event::Tick,
+            () = process.exited() => Event::Exited,
         };
-        match ended {
-            Ended::Exited => return withdraw(&node, &owner),
-            Ended::Failed(label, reason) => {
-                node.attestation_failed(label);
-                let serving = latest.is_some();
-                warn!(%reason, serving_last_good = serving, "workload subscription failed; retrying with backoff");
-            }
+        let exited = event == Event::Exited;
+        let outcome = state.handle(event, SystemTime::now());
+        node.report_notes(&outcome.notes);
+        owner.publish(outcome.publish);
+        if outcome.settled {
+            settled.send_if_modified(|s| !std::mem::replace(s, true));
         }
-        let delay = backoff.next_delay();
-        tokio::select! {
-            () = owner.expiring_while(tokio::time::sleep(delay)) => {}
-            () = process.exited() => return withdraw(&node, &owner),
+        if exited {
+            drop(feeder);
+            return;
         }
     }
 }
 
-/// The workload's process exited: its SVIDs are withdrawn for good.
-fn withdraw(node: &NodeIdentities, owner: &IdentityOwner) {
-    info!("workload process exited; its SVIDs are withdrawn");
-    owner.publish(IdentitySnapshot::default());
-    node.attestation_failed("process_exited");
+/// Sleeps until `at` (wall clock), forever when `None`.
+async fn sleep_until(at: Option<SystemTime>) {
+    match at {
+        Some(at) => {
+            let wait = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            tokio::time::sleep(wait).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
-async fn stream_workload(
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why one SVID subscription ended.
+enum Ended {
+    /// The process exited, or nobody listens any more: stop for good.
+    Stop,
+    /// `PermissionDenied`: the delegate is not (or no longer) authorized.
+    Denied(String),
+    /// The agent closed the stream or failed; retried.
+    Failed(&'static str, String),
+}
+
+/// Feeds the workload's SVID subscription into `events`, resubscribing with
+/// backoff, until the process exits.
+async fn feed_svids(
+    node: Arc<NodeIdentities>,
+    process: Arc<ProcessHandle>,
+    events: mpsc::Sender<Event>,
+) {
+    let mut backoff = Backoff::new(node.config.min_backoff, node.config.max_backoff);
+    loop {
+        let (event, delay) = match stream_svids(&node, &process, &events, &mut backoff).await {
+            Ended::Stop => return,
+            Ended::Denied(reason) => {
+                warn!(%reason, "the agent refused this workload's subscription (PermissionDenied); retrying at the longest backoff");
+                (Event::Denied, node.config.max_backoff)
+            }
+            Ended::Failed(label, reason) => {
+                node.attestation_failed(label);
+                warn!(%reason, "workload subscription failed; keeping what SPIRE granted until it expires, retrying with backoff");
+                (Event::StreamFailed, backoff.next_delay())
+            }
+        };
+        if events.send(event).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn stream_svids(
     node: &NodeIdentities,
     process: &ProcessHandle,
-    owner: &IdentityOwner,
-    latest: &mut Option<WorkloadUpdate>,
-    bundles: &mut watch::Receiver<Arc<BundleSet>>,
-    told_unattested: &mut bool,
+    events: &mpsc::Sender<Event>,
     backoff: &mut Backoff,
 ) -> Ended {
-    let pid = match i32::try_from(process.pid()) {
-        Ok(pid) => pid,
-        Err(_) => return Ended::Exited,
+    let Ok(pid) = i32::try_from(process.pid()) else {
+        return Ended::Stop;
     };
     let mut client = match node.client().await {
         Ok(client) => client,
@@ -640,57 +749,37 @@ async fn stream_workload(
         selectors: Vec::new(),
         pid,
     };
+    let ended = |status: tonic::Status| match status.code() {
+        tonic::Code::PermissionDenied => Ended::Denied(status.message().to_string()),
+        _ => Ended::Failed(status_label(&status), status.message().to_string()),
+    };
     let mut stream = match client.subscribe_to_x509svi_ds(request).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return Ended::Failed(status_label(&status), status.message().to_string()),
+        Err(status) => return ended(status),
     };
     loop {
-        tokio::select! {
-            message = stream.message() => {
-                let response = match message {
-                    Ok(Some(response)) => response,
-                    Ok(None) => return Ended::Failed("stream_closed", "the agent closed the stream".into()),
-                    Err(status) => return Ended::Failed(status_label(&status), status.message().to_string()),
-                };
-                // Attested for this PID: valid only while the pinned process still holds it.
-                if process.has_exited() {
-                    return Ended::Exited;
-                }
-                backoff.reset();
-                match parse_workload_update(&response) {
-                    Ok(update) if update.svids.is_empty() => {
-                        if latest.is_none() && !*told_unattested {
-                            *told_unattested = true;
-                            node.attestation_failed("no_identity");
-                            warn!("no registration entry matches this process; it is served no SVID until one does");
-                        } else if latest.is_some() {
-                            warn!("the agent holds no SVID for this process any more; serving the last good one until it expires");
-                        }
-                    }
-                    Ok(update) => {
-                        if latest.is_none() {
-                            info!(spiffe_id = %update.svids[0].spiffe_id, "workload attested");
-                        }
-                        *latest = Some(update);
-                    }
-                    Err(error) => {
-                        node.metrics.reject(error.label());
-                        warn!(%error, "the agent sent unusable SVIDs; keeping the last good ones");
-                        continue;
-                    }
-                }
+        let response = match stream.message().await {
+            Ok(Some(response)) => response,
+            Ok(None) => {
+                return Ended::Failed("stream_closed", "the agent closed the stream".into())
             }
-            changed = bundles.changed() => {
-                if changed.is_err() {
-                    return Ended::Failed("unavailable", "bundle subscription ended".into());
-                }
-            }
+            Err(status) => return ended(status),
+        };
+        // Attested for this PID: valid only while the pinned process still holds it.
+        if process.has_exited() {
+            return Ended::Stop;
         }
-        let current = Arc::clone(&bundles.borrow_and_update());
-        // Before the agent's first bundles arrive every SVID would lack its
-        // trust domain's bundle: wait for them rather than refuse and warn.
-        if let (Some(update), false) = (latest.as_ref(), current.is_empty()) {
-            owner.on_context(workload_snapshot(update, &current, SystemTime::now()));
+        backoff.reset();
+        match parse_workload_update(&response) {
+            Ok(update) => {
+                if events.send(Event::Svids(update)).await.is_err() {
+                    return Ended::Stop;
+                }
+            }
+            Err(error) => {
+                node.metrics.reject(error.label());
+                warn!(%error, "the agent sent unusable SVIDs; keeping the last good ones");
+            }
         }
     }
 }

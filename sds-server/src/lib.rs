@@ -7,7 +7,7 @@
 //! sources, one design ([`identities`]): per pod or host, [`source`] reads the
 //! Workload API and every client gets that identity; per node, [`delegated`]
 //! attests each client's process ([`peer`]) through SPIRE's Delegated Identity
-//! API and each gets its own. [`listener`] bounds who may connect, how many
+//! API and each gets its own, owned by one state machine per workload ([`workload`]). [`listener`] bounds who may connect, how many
 //! and for how long.
 
 #![forbid(unsafe_code)]
@@ -24,6 +24,7 @@ pub mod render;
 pub mod sds;
 pub mod snapshot;
 pub mod source;
+pub mod workload;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +48,9 @@ pub enum StartError {
     /// The SDS socket could not be prepared.
     #[error(transparent)]
     Listener(#[from] listener::ListenerError),
+    /// Node mode: the SPIRE agent does not share this server's PID namespace.
+    #[error("--admin-socket: {0}")]
+    PidNamespace(String),
     /// The admin address could not be bound.
     #[error("cannot bind admin address {addr}: {source}")]
     Admin {
@@ -132,6 +136,11 @@ impl RunningServer {
 
 /// Starts the Workload API source, the SDS socket and the admin endpoint.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
+    if let Source::Delegated(delegated) = &config.source {
+        peer::check_agent_pid_namespace(&delegated.endpoint)
+            .await
+            .map_err(StartError::PidNamespace)?;
+    }
     let (tx, snapshots) = watch::channel(Arc::new(Published::now(
         IdentitySnapshot::default(),
         &config.names,
@@ -148,6 +157,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         None => None,
     };
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let debug = match config.debug_addr {
+        Some(addr) => Some(
+            admin::bind(addr)
+                .await
+                .map_err(|source| StartError::Admin { addr, source })?,
+        ),
+        None => None,
+    };
 
     let (identities, node, source_task) = match config.source.clone() {
         Source::WorkloadApi(source_config) => {
@@ -170,15 +187,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         }
     };
     let mut background = vec![source_task];
-    if let Some(admin) = admin {
+    let listeners = [(admin, admin::Routes::Admin), (debug, admin::Routes::Debug)];
+    for (listener, routes) in listeners {
+        let Some(listener) = listener else { continue };
         let state = admin::AdminState {
             snapshots: snapshots.clone(),
             metrics: Arc::clone(&metrics),
             node: node.clone(),
         };
         background.push(tokio::spawn(async move {
-            if let Err(error) = admin::serve(admin, state).await {
-                error!(%error, "admin endpoint failed");
+            if let Err(error) = admin::serve(listener, state, routes).await {
+                error!(%error, ?routes, "admin endpoint failed");
             }
         }));
     }

@@ -292,7 +292,7 @@ impl Acceptor {
             let peer = if self.pin_peer_process {
                 Peer::of(&stream, uid, &mut self.pins)
             } else {
-                Peer { uid, process: None }
+                Peer::unpinned(uid)
             };
             return Connection {
                 stream,

@@ -41,6 +41,7 @@ pub fn test_config(sds_socket: &Path, workload_api_endpoint: &str) -> ServerConf
         names: SecretNames::default(),
         trust_format: TrustFormat::Spiffe,
         admin_addr: Some("127.0.0.1:0".parse().expect("addr")),
+        debug_addr: None,
     }
 }
 

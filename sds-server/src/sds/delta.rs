@@ -50,6 +50,17 @@ impl DeltaStream {
         self.format = format;
     }
 
+    /// Bytes of names and versions this stream holds (for its connection's budget).
+    pub fn held_bytes(&self) -> usize {
+        let names: usize = self.subscribed.iter().map(String::len).sum();
+        let versions: usize = self
+            .client_versions
+            .iter()
+            .map(|(name, version)| name.len() + version.len())
+            .sum();
+        names + versions
+    }
+
     /// Names this stream is explicitly subscribed to (for limits).
     pub fn subscribed(&self) -> Option<usize> {
         Some(self.subscribed.len())

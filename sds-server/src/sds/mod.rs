@@ -6,6 +6,7 @@
 //! (`disable_spiffe_cert_validation`, as with SPIRE).
 
 pub mod delta;
+pub mod request_scan;
 pub mod routes;
 pub mod sotw;
 
@@ -41,27 +42,52 @@ pub const MAX_NAME_LEN: usize = 2048;
 /// Longest part of a requested name written to a log line.
 const LOG_NAME_MAX: usize = 128;
 
-/// Why a request's names are refused (the stream ends with `InvalidArgument`).
-fn check_names(names: &[String], secret_names: &SecretNames) -> Result<(), (&'static str, String)> {
+/// Longest version string a Delta client may report (ours are 16 hex digits).
+pub const MAX_VERSION_LEN: usize = 256;
+pub use crate::peer::MAX_HELD_BYTES_PER_CONNECTION;
+
+/// The count and length bounds on a list of names.
+fn check_bounds(names: &[String], field: &str) -> Result<(), (&'static str, String)> {
     if names.len() > MAX_NAMES {
         return Err((
             "too_many_names",
             format!(
-                "{} resource names in one request; at most {MAX_NAMES}",
+                "{field}: {} names in one request; at most {MAX_NAMES}",
                 names.len()
             ),
         ));
     }
+    if let Some(name) = names.iter().find(|n| n.len() > MAX_NAME_LEN) {
+        return Err((
+            "name_too_long",
+            format!(
+                "{field}: a resource name of {} bytes; at most {MAX_NAME_LEN}",
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The metric label of a request refused while it was read.
+fn refused_label(status: &Status) -> &'static str {
+    match status.code() {
+        tonic::Code::InvalidArgument => [
+            "too_many_names",
+            "too_many_elements",
+            "malformed_request",
+        ]
+        .into_iter()
+        .find(|label| status.message().starts_with(label))
+        .unwrap_or("malformed_request"),
+        _ => "request_too_large",
+    }
+}
+
+/// Why a request's names are refused (the stream ends with `InvalidArgument`).
+fn check_names(names: &[String], secret_names: &SecretNames) -> Result<(), (&'static str, String)> {
+    check_bounds(names, "resource names")?;
     for name in names {
-        if name.len() > MAX_NAME_LEN {
-            return Err((
-                "name_too_long",
-                format!(
-                    "a resource name of {} bytes; at most {MAX_NAME_LEN}",
-                    name.len()
-                ),
-            ));
-        }
         let known = name.is_empty()
             || name == "*"
             || *name == secret_names.default_svid
@@ -288,6 +314,9 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 enum Event<R> {
     Request(R),
     Snapshot,
+    /// A request refused while it was read (too large, or past the bounds of
+    /// [`request_scan`] before decoding).
+    Refused(Status),
     Closed,
 }
 
@@ -299,6 +328,9 @@ async fn next_event<R>(
         message = inbound.message() => match message {
             Ok(Some(request)) => Event::Request(request),
             Ok(None) => Event::Closed,
+            Err(status) if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) => {
+                Event::Refused(status)
+            }
             Err(status) => {
                 debug!(%status, "stream ended by the client");
                 Event::Closed
@@ -323,6 +355,12 @@ trait Protocol: Send + 'static {
     fn node(request: &Self::Request) -> Option<&Node>;
     /// The names a request is about, for logs.
     fn names(request: &Self::Request) -> &[String];
+    /// Bounds on what the request carries besides its names.
+    fn check_rest(_request: &Self::Request) -> Result<(), (&'static str, String)> {
+        Ok(())
+    }
+    /// Bytes of names and versions this stream holds (charged to its connection).
+    fn held_bytes(&self) -> usize;
     fn on_request(&mut self, request: &Self::Request) -> RequestVerdict;
     fn response(&mut self, rendered: &Rendered, nonces: &NonceSource) -> Option<Self::Response>;
     /// Names explicitly subscribed on this stream.
@@ -358,6 +396,9 @@ impl Protocol for sotw::SotwStream {
     }
     fn subscribed(&self) -> Option<usize> {
         sotw::SotwStream::subscribed(self)
+    }
+    fn held_bytes(&self) -> usize {
+        sotw::SotwStream::held_bytes(self)
     }
     fn describe(response: &DiscoveryResponse) -> (Vec<String>, &str) {
         (Vec::new(), &response.version_info)
@@ -396,6 +437,30 @@ impl Protocol for delta::DeltaStream {
     fn subscribed(&self) -> Option<usize> {
         delta::DeltaStream::subscribed(self)
     }
+    fn held_bytes(&self) -> usize {
+        delta::DeltaStream::held_bytes(self)
+    }
+    fn check_rest(request: &DeltaDiscoveryRequest) -> Result<(), (&'static str, String)> {
+        check_bounds(&request.resource_names_unsubscribe, "resource_names_unsubscribe")?;
+        if request.initial_resource_versions.len() > MAX_NAMES {
+            return Err((
+                "too_many_names",
+                format!(
+                    "initial_resource_versions: {} entries; at most {MAX_NAMES}",
+                    request.initial_resource_versions.len()
+                ),
+            ));
+        }
+        for (name, version) in &request.initial_resource_versions {
+            if name.len() > MAX_NAME_LEN || version.len() > MAX_VERSION_LEN {
+                return Err((
+                    "name_too_long",
+                    format!("initial_resource_versions: an entry past {MAX_NAME_LEN} bytes of name or {MAX_VERSION_LEN} of version"),
+                ));
+            }
+        }
+        Ok(())
+    }
     fn describe(response: &DeltaDiscoveryResponse) -> (Vec<String>, &str) {
         let mut names: Vec<String> = response.resources.iter().map(|r| r.name.clone()).collect();
         names.extend(response.removed_resources.iter().map(|n| format!("-{n}")));
@@ -422,6 +487,7 @@ fn spawn_stream<P: Protocol>(
             let mut state = P::new(shared.default_format);
             let mut node_seen = false;
             let mut names: Vec<String> = Vec::new();
+            let mut held = peer.as_ref().map(|p| p.budget.charge());
             loop {
                 let event = tokio::select! {
                     event = next_event(&mut inbound, &mut snapshots) => event,
@@ -429,6 +495,13 @@ fn spawn_stream<P: Protocol>(
                 };
                 let caused_by_change = match event {
                     Event::Closed => break,
+                    Event::Refused(status) => {
+                        let reason = refused_label(&status);
+                        shared.refuse(reason);
+                        warn!(reason, "refused an SDS request: {}", truncate(status.message()));
+                        let _ = tx.try_send(Err(status));
+                        break;
+                    }
                     Event::Snapshot => true,
                     Event::Request(request) => {
                         if let Err(status) = check_type_url(P::type_url(&request)) {
@@ -436,7 +509,7 @@ fn spawn_stream<P: Protocol>(
                             let _ = tx.send(Err(status)).await;
                             break;
                         }
-                        if let Err((reason, message)) = check_names(P::names(&request), &shared.names) {
+                        if let Err((reason, message)) = check_names(P::names(&request), &shared.names).and_then(|()| P::check_rest(&request)) {
                             shared.refuse(reason);
                             warn!(reason, "refused an SDS request: {message}");
                             let _ = tx.try_send(Err(Status::invalid_argument(message)));
@@ -461,6 +534,14 @@ fn spawn_stream<P: Protocol>(
                             shared.refuse("too_many_names");
                             let _ = tx.try_send(Err(Status::invalid_argument(format!("more than {MAX_NAMES} names subscribed on one stream"))));
                             break;
+                        }
+                        if let Some(held) = held.as_mut() {
+                            if !held.recharge(state.held_bytes()) {
+                                shared.refuse("connection_budget");
+                                warn!("refused an SDS request: the connection's streams would hold more than {MAX_HELD_BYTES_PER_CONNECTION} bytes of names");
+                                let _ = tx.try_send(Err(Status::resource_exhausted(format!("this connection's streams hold more than {MAX_HELD_BYTES_PER_CONNECTION} bytes of names"))));
+                                break;
+                            }
                         }
                         names = P::names(&request).to_vec();
                         false
@@ -532,6 +613,20 @@ impl SecretDiscoveryService for SdsService {
             return Err(Status::invalid_argument(message));
         }
         let format = shared.format_for(request.node.as_ref());
+        if let Some(lease) = identity.lease {
+            // Node mode: the workload's subscription may be new; wait (within
+            // the caller's deadline, which tonic enforces) for SPIRE's first
+            // answer, and keep the subscription a while so that repeated calls
+            // reuse it instead of attesting again.
+            if !lease.first_answer(crate::delegated::FETCH_FIRST_ANSWER_WAIT).await {
+                debug!(pid = lease.pid(), "no answer from SPIRE for this workload in time");
+            }
+            let kept = Arc::clone(&lease);
+            tokio::spawn(async move {
+                tokio::time::sleep(crate::delegated::FETCH_LINGER).await;
+                drop(kept);
+            });
+        }
         let published = Arc::clone(&identity.snapshots.borrow());
         let rendered = &published.rendered;
         let requested: Vec<String> = request

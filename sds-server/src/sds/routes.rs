@@ -4,7 +4,9 @@
 //! its codec gives every stream an 8 KiB decode buffer and an 8 KiB encode
 //! buffer up front — 32 KiB per Envoy (two streams), for requests of a few
 //! hundred bytes. Here both start at [`CODEC_BUFFER`] and grow only as a
-//! message needs; a request is at most [`MAX_REQUEST_BYTES`].
+//! message needs; a request is at most [`MAX_REQUEST_BYTES`], and its wire
+//! bytes are checked against the bounds of [`super::request_scan`] before
+//! anything is decoded.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -14,20 +16,21 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 use tonic::body::Body;
-use tonic::codec::{BufferSettings, Codec};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use bytes::Buf;
 use tonic::codegen::{http, BoxFuture, StdError};
 use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};
 use tonic::{Request, Response, Status, Streaming};
 use tonic_prost::ProstCodec;
 
-use super::SdsService;
+use super::{request_scan, SdsService};
 
 /// Initial size of each stream's encode and decode buffer.
 pub const CODEC_BUFFER: usize = 1024;
-/// Largest request decoded (tonic's default, stated): a request past the name
-/// limits (100 names of 2,048 bytes) is still decoded, so that it is refused
-/// with `INVALID_ARGUMENT` naming the limit, and counted.
-pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Largest request read. Envoy's requests are a few hundred bytes to a few
+/// KiB (Istio's node metadata); a larger one ends its stream with
+/// `RESOURCE_EXHAUSTED` and is counted.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 /// The gRPC service name.
 const SERVICE: &str = "envoy.service.secret.v3.SecretDiscoveryService";
 
@@ -48,15 +51,48 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = <ProstCodec<T, U> as Codec>::Encoder;
-    type Decoder = <ProstCodec<T, U> as Codec>::Decoder;
+    type Decoder = ScannedDecoder<<ProstCodec<T, U> as Codec>::Decoder>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstCodec::<T, U>::raw_encoder(settings())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<T, U>::raw_decoder(settings())
+        ScannedDecoder(ProstCodec::<T, U>::raw_decoder(settings()))
     }
+}
+
+/// Prost decoding behind [`request_scan::scan`]: a request past the bounds is
+/// refused with `INVALID_ARGUMENT` before one element of it is allocated.
+struct ScannedDecoder<D>(D);
+
+impl<D> Decoder for ScannedDecoder<D>
+where
+    D: Decoder<Error = Status>,
+{
+    type Item = D::Item;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        // The decode buffer is one contiguous `BytesMut`: its chunk is the whole message.
+        if src.chunk().len() != src.remaining() {
+            return Err(Status::internal("request split across decode buffers"));
+        }
+        if let Err(error) = request_scan::scan(src.chunk()) {
+            return Err(refusal(&error));
+        }
+        self.0.decode(src)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
+/// The status a request refused by the scan ends its stream with: its
+/// message starts with the metric label, so that the stream can count it.
+fn refusal(error: &request_scan::ScanError) -> Status {
+    Status::invalid_argument(format!("{}: {error}", error.label()))
 }
 
 fn settings() -> BufferSettings {

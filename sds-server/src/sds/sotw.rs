@@ -133,6 +133,20 @@ impl SotwStream {
         })
     }
 
+    /// Bytes of names and versions this stream holds (for its connection's budget).
+    pub fn held_bytes(&self) -> usize {
+        let names: usize = match &self.subscription {
+            Subscription::Names(names) => names.iter().map(String::len).sum(),
+            _ => 0,
+        };
+        let sent: usize = self
+            .sent
+            .iter()
+            .map(|(name, version)| name.len() + version.len())
+            .sum();
+        names + sent
+    }
+
     /// Names this stream is subscribed to (for limits and logs); `None` for a wildcard.
     pub fn subscribed(&self) -> Option<usize> {
         match &self.subscription {
