@@ -55,7 +55,11 @@ pub enum Routes {
 }
 
 /// Serves `routes` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, state: AdminState, routes: Routes) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    routes: Routes,
+) -> std::io::Result<()> {
     let loopback = listener.local_addr()?.ip().is_loopback();
     let mut app = Router::new();
     if routes == Routes::Admin {

@@ -249,7 +249,9 @@ impl ServeArgs {
                 if !parsed.ip().is_loopback() {
                     return Err(invalid(
                         "--debug-addr",
-                        format!("{addr:?} is not loopback: /debug/* lists every workload of the node"),
+                        format!(
+                            "{addr:?} is not loopback: /debug/* lists every workload of the node"
+                        ),
                     ));
                 }
                 Some(parsed)

@@ -424,7 +424,10 @@ impl NodeIdentities {
                 // one of them is not what it claims. Serve neither a stranger's SVID.
                 drop(workloads);
                 self.metrics.attestation_failed("pid_mismatch");
-                warn!(pid, "a live workload already holds this PID with another start time; refused");
+                warn!(
+                    pid,
+                    "a live workload already holds this PID with another start time; refused"
+                );
                 return None;
             }
             stale = Some(existing);
@@ -439,8 +442,7 @@ impl NodeIdentities {
         let owner = IdentityOwner::new(tx, self.names.clone(), Arc::clone(&self.metrics));
         let span = tracing::info_span!("workload", pid);
         let task = tokio::spawn(
-            run_workload(Arc::clone(self), Arc::clone(process), owner, settled_tx)
-                .instrument(span),
+            run_workload(Arc::clone(self), Arc::clone(process), owner, settled_tx).instrument(span),
         );
         let lease = Arc::new(WorkloadLease {
             process: Arc::clone(process),

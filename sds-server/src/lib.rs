@@ -68,6 +68,7 @@ pub struct RunningServer {
     node: Option<Arc<NodeIdentities>>,
     metrics: Arc<Metrics>,
     admin_addr: Option<SocketAddr>,
+    debug_addr: Option<SocketAddr>,
     sds_socket: PathBuf,
     background: Vec<JoinHandle<()>>,
     stop_streams: watch::Sender<bool>,
@@ -82,6 +83,11 @@ impl RunningServer {
     /// The admin endpoint's bound address, if enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The debug endpoint's bound address, if enabled.
+    pub fn debug_addr(&self) -> Option<SocketAddr> {
+        self.debug_addr
     }
 
     /// A receiver of published snapshots (for tests and tools); in node mode
@@ -157,7 +163,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         None => None,
     };
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-    let debug = match config.debug_addr {
+    let debug_listener = match config.debug_addr {
         Some(addr) => Some(
             admin::bind(addr)
                 .await
@@ -187,7 +193,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         }
     };
     let mut background = vec![source_task];
-    let listeners = [(admin, admin::Routes::Admin), (debug, admin::Routes::Debug)];
+    let debug_addr = debug_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let listeners = [
+        (admin, admin::Routes::Admin),
+        (debug_listener, admin::Routes::Debug),
+    ];
     for (listener, routes) in listeners {
         let Some(listener) = listener else { continue };
         let state = admin::AdminState {
@@ -245,6 +255,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         node,
         metrics,
         admin_addr,
+        debug_addr,
         sds_socket: config.sds_socket,
         background,
         stop_streams,

@@ -78,7 +78,10 @@ impl ProcessHandle {
         // Read after the pidfd was opened and before it says "exited": the
         // start time is the pinned process's own.
         if handle.has_exited() {
-            return Err(io::Error::new(io::ErrorKind::NotFound, "the process exited"));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the process exited",
+            ));
         }
         Ok(handle)
     }
@@ -344,7 +347,10 @@ mod tests {
     #[test]
     fn connections_of_one_live_process_share_one_pidfd() {
         let mut pins = ProcessPins::default();
-        let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
+        let (uid, gid) = (
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+        );
         let first = pins.pin(std::process::id(), uid, gid).expect("pin");
         let second = pins.pin(std::process::id(), uid, gid).expect("pin");
         assert!(Arc::ptr_eq(&first, &second));
@@ -380,8 +386,12 @@ mod tests {
 
     #[test]
     fn a_peer_whose_proc_owner_is_not_its_credentials_is_refused() {
-        let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
-        let error = ProcessHandle::open_peer(std::process::id(), uid + 1, gid).expect_err("other uid");
+        let (uid, gid) = (
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+        );
+        let error =
+            ProcessHandle::open_peer(std::process::id(), uid + 1, gid).expect_err("other uid");
         assert_eq!(error.kind(), io::ErrorKind::PermissionDenied);
     }
 

@@ -86,7 +86,11 @@ fn an_empty_update_after_svids_withdraws_the_identity_and_its_federation() {
     let mut state = WorkloadState::new(bundles(&[(AWS, 1), (GCP, 2)]));
     let id = "spiffe://aws.company.com/ns/a/sa/w";
     assert_eq!(
-        served_shape(&mut state, Event::Svids(update(vec![svid(id, 7, 100)], &[GCP])), 1),
+        served_shape(
+            &mut state,
+            Event::Svids(update(vec![svid(id, 7, 100)], &[GCP])),
+            1
+        ),
         (Some("07".into()), trusts(&[(AWS, 1), (GCP, 2)]))
     );
     let outcome = state.handle(Event::Svids(update(vec![], &[])), t(2));
@@ -94,9 +98,16 @@ fn an_empty_update_after_svids_withdraws_the_identity_and_its_federation() {
     assert!(outcome.publish.svids.is_empty());
     assert_eq!(outcome.notes, vec![Note::Withdrawn]);
     // A stream failure afterwards does not bring it back; a new grant does.
-    assert_eq!(served_shape(&mut state, Event::StreamFailed, 3), (None, vec![]));
     assert_eq!(
-        served_shape(&mut state, Event::Svids(update(vec![svid(id, 8, 100)], &[])), 4),
+        served_shape(&mut state, Event::StreamFailed, 3),
+        (None, vec![])
+    );
+    assert_eq!(
+        served_shape(
+            &mut state,
+            Event::Svids(update(vec![svid(id, 8, 100)], &[])),
+            4
+        ),
         (Some("08".into()), trusts(&[(AWS, 1)]))
     );
 }
@@ -118,7 +129,10 @@ fn last_good_survives_stream_failures_until_it_expires_and_trust_follows_bundles
     );
     // Expiry is exact, and trust keeps following the bundles afterwards.
     let outcome = state.handle(Event::Tick, t(50));
-    assert_eq!(shape(&outcome.publish), (None, trusts(&[(AWS, 1), (GCP, 3)])));
+    assert_eq!(
+        shape(&outcome.publish),
+        (None, trusts(&[(AWS, 1), (GCP, 3)]))
+    );
     assert_eq!(outcome.notes, vec![Note::DefaultExpired]);
     assert_eq!(state.next_expiry(t(50)), None);
     assert_eq!(
@@ -178,7 +192,11 @@ fn nothing_is_served_before_the_node_has_bundles_or_after_exit() {
     let id = "spiffe://aws.company.com/ns/a/sa/w";
     let mut state = WorkloadState::new(Delegation::Pending);
     assert_eq!(
-        served_shape(&mut state, Event::Svids(update(vec![svid(id, 3, 90)], &[])), 1),
+        served_shape(
+            &mut state,
+            Event::Svids(update(vec![svid(id, 3, 90)], &[])),
+            1
+        ),
         (None, vec![])
     );
     assert_eq!(
@@ -189,7 +207,11 @@ fn nothing_is_served_before_the_node_has_bundles_or_after_exit() {
     assert_eq!(shape(&exited.publish), (None, vec![]));
     assert_eq!(exited.notes, vec![Note::Exited]);
     assert_eq!(
-        served_shape(&mut state, Event::Svids(update(vec![svid(id, 4, 90)], &[])), 4),
+        served_shape(
+            &mut state,
+            Event::Svids(update(vec![svid(id, 4, 90)], &[])),
+            4
+        ),
         (None, vec![])
     );
 }

@@ -578,6 +578,25 @@ def test_the_controller_manager_registers_trustweave_sds(cloud, rendered):
 
 
 @pytest.mark.parametrize("cloud", CLOUDS)
+def test_the_node_workload_map_is_never_on_the_pod_port(cloud, rendered):
+    """/debug/workloads lists every PID, SPIFFE ID and serial of the node: the
+    server serves it only on loopback, so the pod-reachable admin address must
+    not be loopback-only by accident and the debug address must be loopback."""
+    import ipaddress
+    sds = daemonset(rendered[cloud], "trustweave-sds")
+    (container,) = sds["spec"]["template"]["spec"]["containers"]
+    flags = dict(a.lstrip("-").split("=", 1) for a in container["args"] if "=" in a)
+    admin_host = flags["admin-addr"].rsplit(":", 1)[0]
+    debug_host, debug_port = flags["debug-addr"].rsplit(":", 1)
+    assert not ipaddress.ip_address(admin_host).is_loopback, "probes must reach /readyz"
+    assert ipaddress.ip_address(debug_host).is_loopback
+    ports = {p["containerPort"] for p in container["ports"]}
+    assert int(debug_port) not in ports, "the debug port is not exposed"
+    assert sds["spec"]["template"]["spec"].get("hostNetwork") is not True, \
+        "with the host's network, loopback would be every host-network pod's"
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
 def test_each_cloud_offers_an_upstream_authority_and_nothing_else_differs(cloud, crds):
     overlay = OVERLAYS / f"{cloud}-upstream-ca"
     docs = validate.render_overlay(overlay)

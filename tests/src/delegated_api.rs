@@ -1,7 +1,17 @@
 //! The SPIRE agent's Delegated Identity API (its admin socket), standing in
 //! for a node's agent: what trustweave-sds in node mode talks to.
 //!
-//! It behaves as SPIRE's `pkg/agent/api/delegatedidentity` does:
+//! It behaves as SPIRE's agent does (SPIRE semantics, with their sources):
+//! - `pkg/agent/api/delegatedidentity/v1/service.go`: the delegate is
+//!   re-authorized on every update (`isCallerAuthorized` with its cached
+//!   selectors), so removing it from `authorized_delegates` ends its open
+//!   streams with `PermissionDenied`;
+//! - `pkg/agent/manager/cache/lru_cache.go` (subscribers): a deleted entry,
+//!   or selectors that stop matching, reach the open stream as an update with
+//!   an *empty* `x509_svids`;
+//! - `SubscribeToX509SVIDs` attests the PID once, when the subscription
+//!   starts, and matches entries against those selectors for the stream's
+//!   life (here: the PID and the process's UID, `unix:uid:N`, read at start);
 //! - the **caller** (the delegate) is attested on every call, by the PID the
 //!   kernel reports for the admin-socket connection; its SPIFFE ID must be in
 //!   `authorized_delegates`, else `PermissionDenied`;
@@ -65,13 +75,23 @@ pub struct AgentState {
     pub authorized_delegates: BTreeSet<String>,
     /// Workload PID → entry.
     pub workloads: BTreeMap<u32, WorkloadEntry>,
+    /// Entries selected by the workload's UID (`unix:uid:N`), matched with
+    /// the UID read when its subscription started.
+    pub uid_entries: BTreeMap<u32, WorkloadEntry>,
+    /// Fault: SVID subscriptions fail with `Unavailable` (open ones end)
+    /// while bundles keep flowing — the agent still "waiting for SVID to get cached".
+    pub svids_unavailable: bool,
     /// Bare trust-domain name → roots (DER).
     pub bundles: BTreeMap<String, Vec<Vec<u8>>>,
 }
 
 impl AgentState {
-    fn svid_response(&self, pid: u32) -> SubscribeToX509sviDsResponse {
-        let Some(entry) = self.workloads.get(&pid) else {
+    fn svid_response(&self, pid: u32, uid: Option<u32>) -> SubscribeToX509sviDsResponse {
+        let entry = self
+            .workloads
+            .get(&pid)
+            .or_else(|| uid.and_then(|uid| self.uid_entries.get(&uid)));
+        let Some(entry) = entry else {
             return SubscribeToX509sviDsResponse::default();
         };
         SubscribeToX509sviDsResponse {
@@ -149,6 +169,8 @@ impl DelegatedApiStandIn {
             callers: BTreeMap::from([(delegate_pid, delegate_id.to_string())]),
             authorized_delegates: BTreeSet::from([delegate_id.to_string()]),
             workloads: BTreeMap::new(),
+            uid_entries: BTreeMap::new(),
+            svids_unavailable: false,
             bundles: trust_domains
                 .iter()
                 .map(|ca| (ca.trust_domain().to_string(), vec![ca.root_der().to_vec()]))
@@ -193,6 +215,33 @@ impl DelegatedApiStandIn {
             state.workloads.insert(pid, entry);
         });
         svid
+    }
+
+    /// Registers every process running as `uid` (`unix:uid:N`) as `spiffe_id`.
+    pub fn register_uid(
+        &self,
+        uid: u32,
+        ca: &Arc<TrustDomainCa>,
+        spiffe_id: &str,
+        federates_with: &[&str],
+    ) -> IssuedSvid {
+        let svid = ca.issue_svid(spiffe_id, self.svid_ttl);
+        let entry = WorkloadEntry {
+            svids: vec![svid.clone()],
+            ca: Arc::clone(ca),
+            federates_with: federates_with.iter().map(|s| s.to_string()).collect(),
+        };
+        self.update(|state| {
+            state.uid_entries.insert(uid, entry);
+        });
+        svid
+    }
+
+    /// Deletes `pid`'s entry: its open subscription gets an empty update.
+    pub fn delete(&self, pid: u32) {
+        self.update(|state| {
+            state.workloads.remove(&pid);
+        });
     }
 
     /// Issues `pid` a new SVID (new key, new serial) and pushes it; returns it.
@@ -307,7 +356,7 @@ impl DelegatedIdentityService {
         &self,
         caller: Option<i32>,
         guard: Option<Counted>,
-        mut render: impl FnMut(&AgentState) -> T + Send + 'static,
+        mut render: impl FnMut(&AgentState) -> Result<T, Status> + Send + 'static,
     ) -> BoxStream<T> {
         let mut state = self.state.clone();
         let mut serving = self.serving.clone();
@@ -315,14 +364,17 @@ impl DelegatedIdentityService {
             let _guard = guard;
             let mut last: Option<T> = None;
             loop {
-                let (next, authorized) = {
+                let next = {
                     let current = state.borrow_and_update();
-                    (render(&current), current.authorize(caller))
+                    current.authorize(caller).and_then(|()| render(&current))
                 };
-                if let Err(status) = authorized {
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
+                let next = match next {
+                    Ok(next) => next,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
                 if last.as_ref() != Some(&next) {
                     if tx.send(Ok(next.clone())).await.is_err() {
                         return;
@@ -363,14 +415,24 @@ impl ServerStreamingService<SubscribeToX509sviDsRequest> for SubscribeSvids {
                     ))
                 }
             };
-            if !Path::new(&format!("/proc/{pid}")).exists() {
+            // Attested once, at the start: the selectors are fixed for the stream's life.
+            let Ok(owner) = std::fs::metadata(format!("/proc/{pid}")) else {
                 return Err(Status::unavailable("workload attestation failed"));
+            };
+            let uid = Some(std::os::unix::fs::MetadataExt::uid(&owner));
+            if service.state.borrow().svids_unavailable {
+                return Err(Status::unavailable("SVIDs not cached yet"));
             }
             let guard = Counted::new(&service.svid_subscriptions);
             Ok(Response::new(service.watch_stream(
                 caller,
                 Some(guard),
-                move |state| state.svid_response(pid),
+                move |state| {
+                    if state.svids_unavailable {
+                        return Err(Status::unavailable("SVIDs not cached yet"));
+                    }
+                    Ok(state.svid_response(pid, uid))
+                },
             )))
         })
     }
@@ -397,9 +459,9 @@ impl ServerStreamingService<SubscribeToX509BundlesRequest> for SubscribeBundles 
                     for (td, roots) in &state.bundles {
                         sent.insert(format!("spiffe://{td}"), bytes::Bytes::from(roots.concat()));
                     }
-                    SubscribeToX509BundlesResponse {
+                    Ok(SubscribeToX509BundlesResponse {
                         ca_certificates: sent.clone(),
-                    }
+                    })
                 },
             )))
         })

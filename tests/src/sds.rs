@@ -251,6 +251,20 @@ impl DeltaClient {
         self.last_nonce = response.nonce.clone();
         response
     }
+
+    /// The status the server ended the stream with (fails the test after 10 s or on a response).
+    pub async fn refused(&mut self) -> tonic::Status {
+        match tokio::time::timeout(Duration::from_secs(10), self.responses.message())
+            .await
+            .expect("the stream ends within 10 s")
+        {
+            Err(status) => status,
+            Ok(other) => panic!(
+                "expected the stream to be refused, got {:?}",
+                other.map(|r| r.system_version_info)
+            ),
+        }
+    }
 }
 
 /// A scratch directory for sockets; Unix socket paths must stay short.

@@ -159,27 +159,136 @@ async fn garbage_http1_half_open_and_idle_connections_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_unknown_names_are_refused_and_counted() {
     let mut w = World::start(limits()).await;
+    // Past 64 KiB a request is not even read.
     let huge = "spiffe://gcp.company.com/".to_string() + &"a".repeat(1 << 20);
     let mut one_mib = SotwClient::open(&w.socket).await;
     one_mib.request(&[&huge], None).await;
-    assert_eq!(one_mib.refused().await.code(), tonic::Code::InvalidArgument);
-    let many: Vec<String> = (0..10_000)
-        .map(|i| format!("spiffe://td{i}.example"))
-        .collect();
-    let many: Vec<&str> = many.iter().map(String::as_str).collect();
-    let mut ten_thousand = SotwClient::open(&w.socket).await;
-    ten_thousand.request(&many, None).await;
+    let code = one_mib.refused().await.code();
+    assert!(
+        matches!(
+            code,
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{code:?}"
+    );
+    let long = "spiffe://gcp.company.com/".to_string() + &"a".repeat(4096);
+    let mut long_name = SotwClient::open(&w.socket).await;
+    long_name.request(&[&long], None).await;
     assert_eq!(
-        ten_thousand.refused().await.code(),
+        long_name.refused().await.code(),
+        tonic::Code::InvalidArgument
+    );
+    // 20,000 one-byte names fit in 60 KB: refused from the wire bytes, before
+    // 20,000 strings are allocated.
+    let many = vec!["*"; 20_000];
+    let mut twenty_thousand = SotwClient::open(&w.socket).await;
+    twenty_thousand.request(&many, None).await;
+    assert_eq!(
+        twenty_thousand.refused().await.code(),
         tonic::Code::InvalidArgument
     );
     let mut unknown = SotwClient::open(&w.socket).await;
     unknown.request(&["file-cert:/etc/passwd"], None).await;
     assert_eq!(unknown.refused().await.code(), tonic::Code::InvalidArgument);
-    for reason in ["name_too_long", "too_many_names", "unknown_name"] {
+    for reason in [
+        "request_too_large",
+        "name_too_long",
+        "too_many_names",
+        "unknown_name",
+    ] {
         let line = format!("trustweave_sds_refused_total{{reason=\"{reason}\"}} 1");
         assert!(w.metric(&line).await, "{line}");
     }
+    w.every_normal_stream_gets_the_next_rotation().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_versions_and_one_connections_streams_are_bounded_together() {
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+    use tokio_stream::wrappers::ReceiverStream;
+
+    let mut w = World::start(limits()).await;
+    // initial_resource_versions is bounded like names.
+    let mut delta = sds::DeltaClient::open(&w.socket).await;
+    delta
+        .send(DeltaDiscoveryRequest {
+            type_url: trustweave_sds::render::SECRET_TYPE_URL.into(),
+            resource_names_subscribe: vec!["default".into()],
+            initial_resource_versions: (0..1000).map(|i| (format!("n{i}"), "v".into())).collect(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(delta.refused().await.code(), tonic::Code::InvalidArgument);
+    assert!(
+        w.metric("trustweave_sds_refused_total{reason=\"too_many_names\"} 1")
+            .await,
+        "initial_resource_versions counted"
+    );
+
+    // Streams of one connection share one budget of held names: two streams
+    // of 40 KiB of names each pass alone, not together.
+    let client = sds::client(&w.socket).await;
+    let names = |stream: usize| -> Vec<String> {
+        (0..20)
+            .map(|i| format!("spiffe://s{stream}n{i}.example/{}", "a".repeat(2000)))
+            .collect()
+    };
+    let mut streams = Vec::new();
+    for stream in 0..2 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(DiscoveryRequest {
+            resource_names: names(stream),
+            type_url: trustweave_sds::render::SECRET_TYPE_URL.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("queue");
+        let responses = client
+            .clone()
+            .stream_secrets(ReceiverStream::new(rx))
+            .await
+            .expect("open")
+            .into_inner();
+        streams.push((tx, responses));
+    }
+    let [(tx_a, mut a), (tx_b, mut b)]: [_; 2] = streams.try_into().map_err(|_| ()).expect("two");
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            ended = a.message() => (ended, true),
+            ended = b.message() => (ended, false),
+        }
+    })
+    .await
+    .expect("one stream is refused within 10 s");
+    let (ended, a_refused) = first;
+    assert_eq!(
+        ended.expect_err("refused").code(),
+        tonic::Code::ResourceExhausted
+    );
+    assert!(
+        w.metric("trustweave_sds_refused_total{reason=\"connection_budget\"} 1")
+            .await,
+        "counted"
+    );
+    // The other stream lives on and is served.
+    let (tx, survivor) = if a_refused {
+        (tx_b, &mut b)
+    } else {
+        (tx_a, &mut a)
+    };
+    tx.send(DiscoveryRequest {
+        resource_names: vec!["default".into()],
+        type_url: trustweave_sds::render::SECRET_TYPE_URL.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let response = tokio::time::timeout(Duration::from_secs(10), survivor.message())
+        .await
+        .expect("served within 10 s")
+        .expect("not refused")
+        .expect("a response");
+    assert_eq!(response.resources.len(), 1);
     w.every_normal_stream_gets_the_next_rotation().await;
 }
 
@@ -193,31 +302,44 @@ async fn connection_churn_and_the_connection_cap_leave_nothing_behind() {
     for _ in 0..1000 {
         drop(UnixStream::connect(&w.socket).await.expect("connect"));
     }
-    // Fill the cap with idle connections: the next one is refused, and counted.
-    let mut idle = Vec::new();
-    for _ in 0..20 {
-        idle.push(UnixStream::connect(&w.socket).await.expect("connect"));
-    }
-    wait_until("the cap is reached", Duration::from_secs(10), || async {
-        w.metric(&format!("trustweave_sds_connections_open {}", NORMAL + 20))
-            .await
-    })
-    .await;
-    let over = UnixStream::connect(&w.socket).await.expect("connect");
-    assert!(closed_by_server(over).await, "over the cap: closed at once");
-    assert!(
-        w.metric("trustweave_sds_refused_total{reason=\"connections\"}")
-            .await
-    );
-    // The idle ones time out; the slots come back.
+    // Every churned connection is reaped before the cap is filled: under load
+    // the server may see the closes late, and a slot it still counts would
+    // refuse one of the connections below.
     wait_until(
-        "idle connections closed",
+        "churned connections reaped",
         Duration::from_secs(15),
         || async {
             w.metric(&format!("trustweave_sds_connections_open {NORMAL}"))
                 .await
         },
     )
+    .await;
+    // Fill the cap with live clients (they answer keepalives, so no idle
+    // timeout frees a slot meanwhile): the next connection is refused, and counted.
+    let mut filling = Vec::new();
+    for _ in 0..20 {
+        let mut client = SotwClient::open(&w.socket).await;
+        client.request(&["default"], None).await;
+        client.next().await;
+        filling.push(client);
+    }
+    assert!(
+        w.metric(&format!("trustweave_sds_connections_open {}", NORMAL + 20))
+            .await,
+        "the cap is reached"
+    );
+    let over = UnixStream::connect(&w.socket).await.expect("connect");
+    assert!(closed_by_server(over).await, "over the cap: closed at once");
+    assert!(
+        w.metric("trustweave_sds_refused_total{reason=\"connections\"}")
+            .await
+    );
+    // Closed clients give their slots back.
+    drop(filling);
+    wait_until("slots given back", Duration::from_secs(15), || async {
+        w.metric(&format!("trustweave_sds_connections_open {NORMAL}"))
+            .await
+    })
     .await;
     w.every_normal_stream_gets_the_next_rotation().await;
 }

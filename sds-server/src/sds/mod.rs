@@ -72,14 +72,12 @@ fn check_bounds(names: &[String], field: &str) -> Result<(), (&'static str, Stri
 /// The metric label of a request refused while it was read.
 fn refused_label(status: &Status) -> &'static str {
     match status.code() {
-        tonic::Code::InvalidArgument => [
-            "too_many_names",
-            "too_many_elements",
-            "malformed_request",
-        ]
-        .into_iter()
-        .find(|label| status.message().starts_with(label))
-        .unwrap_or("malformed_request"),
+        tonic::Code::InvalidArgument => {
+            ["too_many_names", "too_many_elements", "malformed_request"]
+                .into_iter()
+                .find(|label| status.message().starts_with(label))
+                .unwrap_or("malformed_request")
+        }
         _ => "request_too_large",
     }
 }
@@ -441,7 +439,10 @@ impl Protocol for delta::DeltaStream {
         delta::DeltaStream::held_bytes(self)
     }
     fn check_rest(request: &DeltaDiscoveryRequest) -> Result<(), (&'static str, String)> {
-        check_bounds(&request.resource_names_unsubscribe, "resource_names_unsubscribe")?;
+        check_bounds(
+            &request.resource_names_unsubscribe,
+            "resource_names_unsubscribe",
+        )?;
         if request.initial_resource_versions.len() > MAX_NAMES {
             return Err((
                 "too_many_names",
@@ -618,8 +619,14 @@ impl SecretDiscoveryService for SdsService {
             // the caller's deadline, which tonic enforces) for SPIRE's first
             // answer, and keep the subscription a while so that repeated calls
             // reuse it instead of attesting again.
-            if !lease.first_answer(crate::delegated::FETCH_FIRST_ANSWER_WAIT).await {
-                debug!(pid = lease.pid(), "no answer from SPIRE for this workload in time");
+            if !lease
+                .first_answer(crate::delegated::FETCH_FIRST_ANSWER_WAIT)
+                .await
+            {
+                debug!(
+                    pid = lease.pid(),
+                    "no answer from SPIRE for this workload in time"
+                );
             }
             let kept = Arc::clone(&lease);
             tokio::spawn(async move {

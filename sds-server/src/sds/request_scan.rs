@@ -104,8 +104,11 @@ fn nested_elements(bytes: &[u8], depth: usize, budget: usize) -> usize {
     count
 }
 
-/// The next field of `bytes`: its number, its body when length-delimited, and what follows.
-fn next_field(bytes: &[u8]) -> Option<(u32, Option<&[u8]>, &[u8])> {
+/// One field on the wire: its number, its body when length-delimited, and what follows it.
+type Field<'a> = (u32, Option<&'a [u8]>, &'a [u8]);
+
+/// The next field of `bytes`.
+fn next_field(bytes: &[u8]) -> Option<Field<'_>> {
     let (key, rest) = varint(bytes)?;
     let field = u32::try_from(key >> 3).ok().filter(|f| *f > 0)?;
     match key & 7 {
@@ -189,7 +192,9 @@ mod tests {
             Err(ScanError::TooManyEntries { field: 3, .. })
         ));
         let versions = DeltaDiscoveryRequest {
-            initial_resource_versions: (0..=MAX_NAMES).map(|i| (i.to_string(), String::new())).collect(),
+            initial_resource_versions: (0..=MAX_NAMES)
+                .map(|i| (i.to_string(), String::new()))
+                .collect(),
             ..Default::default()
         };
         assert!(matches!(
