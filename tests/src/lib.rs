@@ -1,4 +1,5 @@
-//! Support for Trustweave's end-to-end tests: a test PKI, SPIRE agent stand-ins
+//! Support for Trustweave's end-to-end tests: the real SPIRE server and agent
+//! ([`real_spire`]), a test PKI, SPIRE agent stand-ins
 //! (the Workload API and the Delegated Identity API), an in-process trustweave-sds with an SDS client
 //! that plays Envoy, a launcher for real Envoy processes, the filter's Envoy
 //! configuration, upstreams, and an mTLS client.
@@ -12,6 +13,7 @@ pub mod filter_fixture;
 pub mod http;
 pub mod mesh;
 pub mod pki;
+pub mod real_spire;
 pub mod sds;
 pub mod tls_client;
 pub mod unix_server;
