@@ -463,7 +463,11 @@ pub fn runnable_by_others(binary: &Path) -> PathBuf {
     }
     std::fs::create_dir_all(&dir).expect("shared binary directory");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let staging = dir.join(format!(".{}.{}", name.to_string_lossy(), std::process::id()));
+    let staging = dir.join(format!(
+        ".{}.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     if std::fs::hard_link(binary, &staging).is_err() {
         std::fs::copy(binary, &staging).expect("copy binary");
     }

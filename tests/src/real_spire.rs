@@ -186,7 +186,14 @@ plugins {{
     pub async fn join_token(&self, agent_id: &str) -> anyhow::Result<String> {
         let out = self
             .cli(&[
-                "token", "generate", "-spiffeID", agent_id, "-ttl", "600", "-output", "json",
+                "token",
+                "generate",
+                "-spiffeID",
+                agent_id,
+                "-ttl",
+                "600",
+                "-output",
+                "json",
             ])
             .await?;
         let value: serde_json::Value = serde_json::from_str(&out)
@@ -222,8 +229,8 @@ plugins {{
             args.extend(["-federatesWith", td]);
         }
         let out = self.cli(&args).await?;
-        let value: serde_json::Value = serde_json::from_str(&out)
-            .with_context(|| format!("entry create printed {out:?}"))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("entry create printed {out:?}"))?;
         value["results"][0]["entry"]["id"]
             .as_str()
             .map(str::to_string)
@@ -232,7 +239,9 @@ plugins {{
 
     /// Deletes the entry `id`.
     pub async fn delete_entry(&self, id: &str) -> anyhow::Result<()> {
-        self.cli(&["entry", "delete", "-entryID", id]).await.map(drop)
+        self.cli(&["entry", "delete", "-entryID", id])
+            .await
+            .map(drop)
     }
 }
 

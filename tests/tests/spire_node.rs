@@ -52,9 +52,11 @@ async fn served_and_held(sds: &RunningServer, envoy: &Envoy) -> String {
     })
     .await;
     let serial = normalize_serial(&served_serial(sds, pid).expect("serial"));
-    wait_until("the SVID in Envoy's /certs", Duration::from_secs(10), || async {
-        envoy.cert_serials().await.contains(&serial)
-    })
+    wait_until(
+        "the SVID in Envoy's /certs",
+        Duration::from_secs(10),
+        || async { envoy.cert_serials().await.contains(&serial) },
+    )
     .await;
     serial
 }
@@ -70,12 +72,8 @@ async fn inspect_as(uid: u32, socket: &Path) -> Result<String, String> {
         .output()
         .await
         .expect("run inspect");
-    let reports: serde_json::Value = serde_json::from_slice(&output.stdout).map_err(|e| {
-        format!(
-            "{e}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })?;
+    let reports: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&output.stderr)))?;
     let report = &reports[0];
     match report["certificates"][0]["spiffe_ids"][0].as_str() {
         Some(id) => Ok(id.to_string()),
@@ -85,7 +83,9 @@ async fn inspect_as(uid: u32, socket: &Path) -> Result<String, String> {
 
 async fn call(envoy: &Envoy) -> http::HttpResponse {
     let addr: SocketAddr = envoy.listener(envoy::PLAIN_LISTENER).await;
-    http::get(addr, "/", &[]).await.expect("request through client Envoy")
+    http::get(addr, "/", &[])
+        .await
+        .expect("request through client Envoy")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,9 +128,11 @@ async fn node_mode_serves_what_the_real_spire_agent_grants() {
     config.allowed_uids = vec![SERVER_UID, CLIENT_UID, INSPECT_UID, UNREGISTERED_UID];
     let sds = trustweave_sds::start(config).await.expect("trustweave-sds");
     // The agent learns the delegate's entry at its next sync (about 5 s).
-    wait_until("the agent's bundles reach trustweave-sds", Duration::from_secs(30), || async {
-        sds.is_ready()
-    })
+    wait_until(
+        "the agent's bundles reach trustweave-sds",
+        Duration::from_secs(30),
+        || async { sds.is_ready() },
+    )
     .await;
 
     // 1. Each Envoy holds the SVID SPIRE issued for its UID; mTLS between them.
@@ -161,15 +163,24 @@ async fn node_mode_serves_what_the_real_spire_agent_grants() {
             .find(|w| w.pid == pid)
             .and_then(|w| w.spiffe_id.clone())
     };
-    assert_eq!(id_of(server_envoy.pid().expect("pid")).as_deref(), Some(SERVER_ID));
-    assert_eq!(id_of(client_envoy.pid().expect("pid")).as_deref(), Some(CLIENT_ID));
+    assert_eq!(
+        id_of(server_envoy.pid().expect("pid")).as_deref(),
+        Some(SERVER_ID)
+    );
+    assert_eq!(
+        id_of(client_envoy.pid().expect("pid")).as_deref(),
+        Some(CLIENT_ID)
+    );
     let ok = call(&client_envoy).await;
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(ok.header(PEER_HEADER), Some(CLIENT_ID));
 
     // 2. FetchSecrets in node mode (a process of its own each time): its SVID;
     // a UID no entry matches gets none.
-    assert_eq!(inspect_as(INSPECT_UID, &socket).await, Ok(INSPECT_ID.to_string()));
+    assert_eq!(
+        inspect_as(INSPECT_UID, &socket).await,
+        Ok(INSPECT_ID.to_string())
+    );
     assert!(inspect_as(UNREGISTERED_UID, &socket).await.is_err());
 
     // 3. The agent restarts: the node keeps serving (last good across the
@@ -183,36 +194,55 @@ async fn node_mode_serves_what_the_real_spire_agent_grants() {
     );
     assert_eq!(call(&client_envoy).await.status, 200);
     agent.restart(&server).await.expect("agent restart");
-    wait_until("the restarted agent's SVID served", Duration::from_secs(30), || {
-        let pid = server_envoy.pid().expect("pid");
-        let changed = served_serial(&sds, pid)
-            .is_some_and(|s| normalize_serial(&s) != server_serial);
-        async move { changed }
-    })
+    wait_until(
+        "the restarted agent's SVID served",
+        Duration::from_secs(30),
+        || {
+            let pid = server_envoy.pid().expect("pid");
+            let changed =
+                served_serial(&sds, pid).is_some_and(|s| normalize_serial(&s) != server_serial);
+            async move { changed }
+        },
+    )
     .await;
     served_and_held(&sds, &server_envoy).await;
     served_and_held(&sds, &client_envoy).await;
     let ok = call(&client_envoy).await;
-    assert_eq!(ok.status, 200, "calls pass across the agent restart: {ok:?}");
-    wait_until("fetch works after the agent restart", Duration::from_secs(30), || async {
-        inspect_as(INSPECT_UID, &socket).await.is_ok()
-    })
+    assert_eq!(
+        ok.status, 200,
+        "calls pass across the agent restart: {ok:?}"
+    );
+    wait_until(
+        "fetch works after the agent restart",
+        Duration::from_secs(30),
+        || async { inspect_as(INSPECT_UID, &socket).await.is_ok() },
+    )
     .await;
 
     // 4. The SPIRE server stops: the agent keeps serving, so does the node.
     server.stop().await;
-    assert_eq!(inspect_as(INSPECT_UID, &socket).await, Ok(INSPECT_ID.to_string()));
+    assert_eq!(
+        inspect_as(INSPECT_UID, &socket).await,
+        Ok(INSPECT_ID.to_string())
+    );
     assert_eq!(call(&client_envoy).await.status, 200);
     server.restart().await.expect("server restart");
 
     // 5. The client's entry is deleted while its Envoy is connected: SPIRE sends
     // an empty update on the open subscription, and the node withdraws the SVID.
-    server.delete_entry(&entries[1]).await.expect("delete entry");
+    server
+        .delete_entry(&entries[1])
+        .await
+        .expect("delete entry");
     let client_pid = client_envoy.pid().expect("pid");
-    wait_until("the deleted entry's SVID withdrawn", Duration::from_secs(30), || {
-        let gone = served_serial(&sds, client_pid).is_none();
-        async move { gone }
-    })
+    wait_until(
+        "the deleted entry's SVID withdrawn",
+        Duration::from_secs(30),
+        || {
+            let gone = served_serial(&sds, client_pid).is_none();
+            async move { gone }
+        },
+    )
     .await;
     assert!(
         served_serial(&sds, server_envoy.pid().expect("pid")).is_some(),
