@@ -181,8 +181,17 @@ async fn main() -> anyhow::Result<()> {
             rows.push(row);
         }
     }
-    let report = report(&rows);
+    eprintln!("bench-sds: one hostile connection");
+    let hostile = hostile_connection().await?;
+    let report = report(&rows) + &hostile.to_markdown();
     println!("{report}");
+    if hostile.refused != hostile.streams - 1 {
+        bail!(
+            "the hostile connection: {} of {} streams refused, expected all but one",
+            hostile.refused,
+            hostile.streams
+        );
+    }
     if args.smoke {
         let missed: usize = rows
             .iter()
@@ -197,6 +206,110 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("wrote the sds section of {}", output.display());
     }
     Ok(())
+}
+
+/// What one hostile connection cost the server (per-pod server, stand-in agent).
+struct Hostile {
+    streams: usize,
+    refused: usize,
+    rss_growth_kib: u64,
+    peak_growth_kib: u64,
+}
+
+impl Hostile {
+    fn to_markdown(&self) -> String {
+        format!(
+            "\n### One hostile connection\n\nOne connection opens {} streams: half send 60 KB of one-byte names (20,000 names, refused from the wire bytes before decoding), half try to hold 40 KB of 2,000-byte names each (the connection's 64 KiB budget of held names refuses all but the first). Streams refused: {} of {}. Server `VmRSS` growth after it: {} KiB; peak (`VmHWM`) growth: {} KiB. SECURITY.md states the bound.\n",
+            self.streams, self.refused, self.streams, self.rss_growth_kib, self.peak_growth_kib
+        )
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Runs one connection with 100 hostile streams against a per-pod server and
+/// measures the server's memory growth.
+async fn hostile_connection() -> anyhow::Result<Hostile> {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use trustweave_sds::render::SECRET_TYPE_URL;
+
+    let dir = tempfile::Builder::new()
+        .prefix("tw-bench-hostile-")
+        .tempdir_in("/tmp")?;
+    let aws = Arc::new(TrustDomainCa::new("aws.company.com"));
+    let standin = WorkloadApiStandIn::start(dir.path().join("agent.sock"), aws, POD_ID, TTL).await;
+    let socket = dir.path().join("socket");
+    let started = Instant::now();
+    let server = Command::new(sibling("trustweave-sds")?)
+        .args(["--workload-api-socket", &standin.endpoint()])
+        .arg("--sds-socket")
+        .arg(&socket)
+        .args(["--admin-addr", "off"])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("run trustweave-sds")?;
+    let pid = server.id().context("server pid")?;
+    first_secret(&socket, started).await?;
+    let (rss, peak) = (rss_kib(pid), peak_rss_kib(pid));
+    let client = trustweave_e2e::sds::client(&socket).await;
+    let streams = 100;
+    let mut tasks = Vec::new();
+    for i in 0..streams {
+        let names: Vec<String> = if i % 2 == 0 {
+            vec!["*".to_string(); 20_000]
+        } else {
+            (0..20)
+                .map(|n| format!("spiffe://s{i}n{n}.example/{}", "a".repeat(2000)))
+                .collect()
+        };
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (tx, rx) = mpsc::channel(1);
+            let request = DiscoveryRequest {
+                resource_names: names,
+                type_url: SECRET_TYPE_URL.into(),
+                ..Default::default()
+            };
+            if tx.send(request).await.is_err() {
+                return false;
+            }
+            let ended = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut stream = client
+                    .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                stream.message().await
+            })
+            .await;
+            matches!(ended, Ok(Err(_)))
+        }));
+    }
+    let mut refused = 0;
+    for task in tasks {
+        if task.await.unwrap_or(false) {
+            refused += 1;
+        }
+    }
+    drop(client);
+    Ok(Hostile {
+        streams,
+        refused,
+        rss_growth_kib: rss_kib(pid).saturating_sub(rss),
+        peak_growth_kib: peak_rss_kib(pid).saturating_sub(peak),
+    })
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
