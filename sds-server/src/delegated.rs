@@ -48,7 +48,7 @@ use crate::render::SecretNames;
 use crate::snapshot::{
     IdentitySnapshot, PrivateKeyDer, Published, SnapshotError, Svid, TrustBundle,
 };
-use crate::source::{Backoff, IdentityOwner};
+use crate::source::{sleep_until, Backoff, IdentityOwner};
 use crate::workload::{Delegation, Event, Note, WorkloadState};
 
 /// Most trust domains one bundle update may carry.
@@ -671,19 +671,6 @@ async fn run_workload(
             drop(feeder);
             return;
         }
-    }
-}
-
-/// Sleeps until `at` (wall clock), forever when `None`.
-async fn sleep_until(at: Option<SystemTime>) {
-    match at {
-        Some(at) => {
-            let wait = at
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            tokio::time::sleep(wait).await;
-        }
-        None => std::future::pending().await,
     }
 }
 

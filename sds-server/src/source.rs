@@ -180,15 +180,7 @@ impl IdentityOwner {
     /// Sleeps until the next SVID expires (forever when none is held).
     async fn next_expiry(&self) {
         let next = self.tx.borrow().snapshot.next_expiry();
-        match next {
-            Some(at) => {
-                let wait = at
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO);
-                tokio::time::sleep(wait).await;
-            }
-            None => std::future::pending().await,
-        }
+        sleep_until(next).await;
     }
 
     /// Runs `future`, withdrawing SVIDs as they expire meanwhile.
@@ -203,6 +195,19 @@ impl IdentityOwner {
                 _ = self.next_expiry() => self.expire(SystemTime::now()),
             }
         }
+    }
+}
+
+/// Sleeps until `at` (wall clock), forever when `None`.
+pub(crate) async fn sleep_until(at: Option<SystemTime>) {
+    match at {
+        Some(at) => {
+            let wait = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            tokio::time::sleep(wait).await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -205,16 +205,27 @@ impl DelegatedApiStandIn {
         spiffe_id: &str,
         federates_with: &[&str],
     ) -> IssuedSvid {
+        let (entry, svid) = self.entry(ca, spiffe_id, federates_with);
+        self.update(|state| {
+            state.workloads.insert(pid, entry);
+        });
+        svid
+    }
+
+    /// An entry for `spiffe_id` issued by `ca`, and the SVID it holds.
+    fn entry(
+        &self,
+        ca: &Arc<TrustDomainCa>,
+        spiffe_id: &str,
+        federates_with: &[&str],
+    ) -> (WorkloadEntry, IssuedSvid) {
         let svid = ca.issue_svid(spiffe_id, self.svid_ttl);
         let entry = WorkloadEntry {
             svids: vec![svid.clone()],
             ca: Arc::clone(ca),
             federates_with: federates_with.iter().map(|s| s.to_string()).collect(),
         };
-        self.update(|state| {
-            state.workloads.insert(pid, entry);
-        });
-        svid
+        (entry, svid)
     }
 
     /// Registers every process running as `uid` (`unix:uid:N`) as `spiffe_id`.
@@ -225,12 +236,7 @@ impl DelegatedApiStandIn {
         spiffe_id: &str,
         federates_with: &[&str],
     ) -> IssuedSvid {
-        let svid = ca.issue_svid(spiffe_id, self.svid_ttl);
-        let entry = WorkloadEntry {
-            svids: vec![svid.clone()],
-            ca: Arc::clone(ca),
-            federates_with: federates_with.iter().map(|s| s.to_string()).collect(),
-        };
+        let (entry, svid) = self.entry(ca, spiffe_id, federates_with);
         self.update(|state| {
             state.uid_entries.insert(uid, entry);
         });

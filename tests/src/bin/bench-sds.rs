@@ -22,7 +22,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use trustweave_e2e::bench_filter::{cpu_micros, machine_facts, write_section};
-use trustweave_e2e::bench_sds::{now_nanos, percentiles, rss_kib, run_clients, UPDATE_TIMEOUT};
+use trustweave_e2e::bench_sds::{
+    now_nanos, peak_rss_kib, percentiles, rss_kib, run_clients, UPDATE_TIMEOUT,
+};
 use trustweave_e2e::delegated_api::DelegatedApiStandIn;
 use trustweave_e2e::envoy::{self, normalize_serial, Envoy};
 use trustweave_e2e::pki::{IssuedSvid, TrustDomainCa};
@@ -223,18 +225,6 @@ impl Hostile {
             self.streams, self.refused, self.streams, self.rss_growth_kib, self.peak_growth_kib
         )
     }
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Runs one connection with 100 hostile streams against a per-pod server and
