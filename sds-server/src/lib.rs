@@ -140,6 +140,19 @@ impl RunningServer {
     }
 }
 
+/// Binds an admin or debug address, when one is configured.
+async fn bind_http(
+    addr: Option<SocketAddr>,
+) -> Result<Option<tokio::net::TcpListener>, StartError> {
+    match addr {
+        Some(addr) => admin::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|source| StartError::Admin { addr, source }),
+        None => Ok(None),
+    }
+}
+
 /// Starts the Workload API source, the SDS socket and the admin endpoint.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     if let Source::Delegated(delegated) = &config.source {
@@ -154,23 +167,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let metrics = Arc::new(Metrics::new(snapshots.clone()));
 
     let unix = listener::bind(&config.sds_socket, config.socket_mode).await?;
-    let admin = match config.admin_addr {
-        Some(addr) => Some(
-            admin::bind(addr)
-                .await
-                .map_err(|source| StartError::Admin { addr, source })?,
-        ),
-        None => None,
-    };
+    let admin = bind_http(config.admin_addr).await?;
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-    let debug_listener = match config.debug_addr {
-        Some(addr) => Some(
-            admin::bind(addr)
-                .await
-                .map_err(|source| StartError::Admin { addr, source })?,
-        ),
-        None => None,
-    };
+    let debug_listener = bind_http(config.debug_addr).await?;
 
     let (identities, node, source_task) = match config.source.clone() {
         Source::WorkloadApi(source_config) => {
