@@ -25,6 +25,17 @@ pub fn binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("envoy"))
 }
 
+/// Who an Envoy runs as, which is how SPIRE's `unix` attestor tells workloads apart.
+#[derive(Clone, Debug)]
+pub enum RunAs {
+    /// This process's user, the Envoy binary.
+    Me,
+    /// User and group `N` (`unix:uid:N`; needs root).
+    User(u32),
+    /// This process's user, the Envoy binary under another path (`unix:path:<path>`).
+    Program(PathBuf),
+}
+
 /// A running Envoy; killed on drop (its log is printed if the test is failing).
 pub struct Envoy {
     name: String,
@@ -43,17 +54,18 @@ impl Envoy {
     /// [`Envoy::start`] as user and group `uid` (a workload SPIRE tells apart by
     /// `unix:uid:N`); `dir` must be writable by it.
     pub async fn start_as_user(uid: u32, name: &str, dir: &Path, bootstrap: &Value) -> Self {
-        Self::launch(&Site::Host, Some(uid), name, dir, bootstrap).await
+        Self::start_as(&Site::Host, &RunAs::User(uid), name, dir, bootstrap).await
     }
 
     /// [`Envoy::start`] in `site`'s network (its admin endpoint is reached there too).
     pub async fn start_at(site: &Site, name: &str, dir: &Path, bootstrap: &Value) -> Self {
-        Self::launch(site, None, name, dir, bootstrap).await
+        Self::start_as(site, &RunAs::Me, name, dir, bootstrap).await
     }
 
-    async fn launch(
+    /// [`Envoy::start_at`], run as `run_as` says; `dir` must be writable by that user.
+    pub async fn start_as(
         site: &Site,
-        uid: Option<u32>,
+        run_as: &RunAs,
         name: &str,
         dir: &Path,
         bootstrap: &Value,
@@ -66,14 +78,25 @@ impl Envoy {
         // A previous Envoy of the same name left its admin address here: never read it.
         let _ = std::fs::remove_file(&admin_path);
         let log_file = std::fs::File::create(&log).expect("log file");
-        let program = match uid {
-            Some(_) => runnable_by_others(&binary()),
-            None => binary(),
+        let mut command = match (run_as, site) {
+            (RunAs::Me, _) => site.command(binary()),
+            (RunAs::Program(program), _) => site.command(program),
+            (RunAs::User(uid), Site::Host) => {
+                let mut command = site.command(runnable_by_others(&binary()));
+                command.uid(*uid).gid(*uid);
+                command
+            }
+            // `ip netns exec` needs root: the user is switched after it, by setpriv.
+            (RunAs::User(uid), Site::Namespace(_)) => {
+                let mut command = site.command("setpriv");
+                command
+                    .arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .arg("--clear-groups")
+                    .arg(runnable_by_others(&binary()));
+                command
+            }
         };
-        let mut command = site.command(program);
-        if let Some(uid) = uid {
-            command.uid(uid).gid(uid);
-        }
         let child = command
             .arg("-c")
             .arg(&config)
@@ -475,4 +498,14 @@ pub fn runnable_by_others(binary: &Path) -> PathBuf {
     // Atomic: a concurrent caller's link is replaced by an identical one.
     std::fs::rename(&staging, &target).expect("place binary");
     target
+}
+
+/// The Envoy binary under another path `to` (a hard link, else a copy): an
+/// Envoy SPIRE tells apart by `unix:path:<to>` when it cannot run as its own user.
+pub fn binary_at(to: &Path) -> std::io::Result<PathBuf> {
+    let source = runnable_by_others(&binary());
+    if !to.exists() && std::fs::hard_link(&source, to).is_err() {
+        std::fs::copy(&source, to)?;
+    }
+    Ok(to.to_path_buf())
 }

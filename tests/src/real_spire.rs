@@ -11,6 +11,7 @@
 //! single-use, so every agent start mints one; the admin socket is outside the
 //! Workload API socket's directory, as the agent requires.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -46,6 +47,21 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// What `spire-server --version` prints (`spire-server 1.13.3`).
+pub async fn version() -> anyhow::Result<String> {
+    let bin = binary("spire-server")?;
+    let output = Command::new(&bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("run {}", bin.display()))?;
+    // SPIRE prints its version on standard error.
+    let text = [output.stdout, output.stderr].concat();
+    let version = String::from_utf8_lossy(&text).trim().to_string();
+    Ok(format!("spire-server {version}"))
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -53,22 +69,61 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// How a server is run.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Where its gRPC API (for agents) listens.
+    pub bind: SocketAddr,
+    /// `default_x509_svid_ttl`.
+    pub svid_ttl: Duration,
+    /// Where its SPIFFE bundle endpoint (`https_spiffe`) listens, if it has one:
+    /// an IP literal, as SPIRE requires.
+    pub bundle_endpoint: Option<SocketAddr>,
+}
+
+impl Default for ServerOptions {
+    /// A free loopback port, 1 h SVIDs, no bundle endpoint.
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            svid_ttl: Duration::from_secs(3600),
+            bundle_endpoint: None,
+        }
+    }
+}
+
+/// What `spire-server localauthority x509 …` reports of one X.509 authority.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct X509Authority {
+    /// `authority_id` (the CA's subject key ID), what `activate`/`taint`/`revoke` name.
+    pub id: String,
+}
+
 /// A running `spire-server`; killed on drop.
 pub struct SpireServer {
     dir: PathBuf,
     trust_domain: String,
-    port: u16,
+    options: ServerOptions,
     child: Option<Child>,
 }
 
 impl SpireServer {
     /// Starts a server for `trust_domain` in `dir` (which must be short); waits until healthy.
     pub async fn start(dir: &Path, trust_domain: &str) -> anyhow::Result<Self> {
+        Self::start_with(dir, trust_domain, ServerOptions::default()).await
+    }
+
+    /// [`SpireServer::start`] with `options`.
+    pub async fn start_with(
+        dir: &Path,
+        trust_domain: &str,
+        options: ServerOptions,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("data"))?;
         let mut server = Self {
             dir: dir.to_path_buf(),
             trust_domain: trust_domain.to_string(),
-            port: free_port(),
+            options,
             child: None,
         };
         std::fs::write(dir.join("server.conf"), server.config())?;
@@ -78,17 +133,35 @@ impl SpireServer {
 
     fn config(&self) -> String {
         let d = self.dir.display();
+        // The shortest refresh hint SPIRE honours is a minute (bundleutil.MinimumRefreshHint);
+        // tests that cannot wait run `federation refresh`.
+        let federation = match self.options.bundle_endpoint {
+            Some(endpoint) => format!(
+                r#"
+  federation {{
+    bundle_endpoint {{
+      address = "{}"
+      port = {}
+      refresh_hint = "1m"
+      profile "https_spiffe" {{}}
+    }}
+  }}"#,
+                endpoint.ip(),
+                endpoint.port()
+            ),
+            None => String::new(),
+        };
         format!(
             r#"server {{
-  bind_address = "127.0.0.1"
+  bind_address = "{ip}"
   bind_port = "{port}"
   socket_path = "{d}/api.sock"
   trust_domain = "{td}"
   data_dir = "{d}/data"
   log_level = "INFO"
   ca_ttl = "24h"
-  default_x509_svid_ttl = "1h"
-  agent_ttl = "24h"
+  default_x509_svid_ttl = "{ttl}s"
+  agent_ttl = "24h"{federation}
 }}
 plugins {{
   DataStore "sql" {{
@@ -107,8 +180,10 @@ plugins {{
   }}
 }}
 "#,
-            port = self.port,
+            ip = self.options.bind.ip(),
+            port = self.options.bind.port(),
             td = self.trust_domain,
+            ttl = self.options.svid_ttl.as_secs(),
         )
     }
 
@@ -243,6 +318,138 @@ plugins {{
             .await
             .map(drop)
     }
+
+    /// Where agents reach it.
+    pub fn bind(&self) -> SocketAddr {
+        self.options.bind
+    }
+
+    /// Its bundle endpoint's URL, if it serves one.
+    pub fn bundle_endpoint_url(&self) -> Option<String> {
+        self.options
+            .bundle_endpoint
+            .map(|addr| format!("https://{addr}"))
+    }
+
+    /// Its own bundle in SPIFFE format (`bundle show -format spiffe`), what a peer `bundle set`s.
+    pub async fn bundle_spiffe(&self) -> anyhow::Result<String> {
+        self.cli(&["bundle", "show", "-format", "spiffe"]).await
+    }
+
+    /// The bundle it holds for federated `trust_domain` (PEM; empty when it holds none).
+    pub async fn federated_bundle_pem(&self, trust_domain: &str) -> anyhow::Result<String> {
+        let id = format!("spiffe://{trust_domain}");
+        match self.cli(&["bundle", "list", "-id", &id]).await {
+            Ok(pem) => Ok(pem),
+            Err(error) if error.to_string().contains("NotFound") => Ok(String::new()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Federates with `peer` as SPIRE's own federation suites do: its bundle
+    /// (SPIFFE format) `bundle set` here, then a `federation create` with the
+    /// `https_spiffe` profile naming the peer's bundle endpoint and server ID.
+    pub async fn federate_with(&self, peer: &SpireServer) -> anyhow::Result<()> {
+        let url = peer
+            .bundle_endpoint_url()
+            .with_context(|| format!("{} serves no bundle endpoint", peer.trust_domain))?;
+        let bundle = self.dir.join(format!("{}.bundle.json", peer.trust_domain));
+        std::fs::write(&bundle, peer.bundle_spiffe().await?)?;
+        let id = format!("spiffe://{}", peer.trust_domain);
+        let path = bundle.display().to_string();
+        self.cli(&[
+            "bundle", "set", "-format", "spiffe", "-id", &id, "-path", &path,
+        ])
+        .await?;
+        let server_id = format!("spiffe://{}/spire/server", peer.trust_domain);
+        self.cli(&[
+            "federation",
+            "create",
+            "-trustDomain",
+            &peer.trust_domain,
+            "-bundleEndpointURL",
+            &url,
+            "-bundleEndpointProfile",
+            "https_spiffe",
+            "-endpointSpiffeID",
+            &server_id,
+        ])
+        .await
+        .map(drop)
+    }
+
+    /// `federation refresh`: fetches `trust_domain`'s bundle from its endpoint now;
+    /// SPIRE's error when it cannot (which a scheduled refresh only logs).
+    pub async fn refresh_federation(&self, trust_domain: &str) -> anyhow::Result<()> {
+        self.cli(&["federation", "refresh", "-id", trust_domain])
+            .await
+            .map(drop)
+    }
+
+    /// Ends the relationship with `trust_domain`: `federation delete`, then its
+    /// bundle deleted in `dissociate` mode (entries lose `federatesWith` it).
+    pub async fn end_federation(&self, trust_domain: &str) -> anyhow::Result<()> {
+        self.cli(&["federation", "delete", "-id", trust_domain])
+            .await?;
+        let id = format!("spiffe://{trust_domain}");
+        self.cli(&["bundle", "delete", "-id", &id, "-mode", "dissociate"])
+            .await
+            .map(drop)
+    }
+
+    /// Runs `localauthority x509 <verb>` (with `-authorityID` when given); the
+    /// authority its JSON answer names under `key`.
+    async fn x509_authority(
+        &self,
+        verb: &str,
+        authority: Option<&X509Authority>,
+        key: &str,
+    ) -> anyhow::Result<X509Authority> {
+        let mut args = vec!["localauthority", "x509", verb, "-output", "json"];
+        if let Some(authority) = authority {
+            args.extend(["-authorityID", authority.id.as_str()]);
+        }
+        let out = self.cli(&args).await?;
+        let value: serde_json::Value = serde_json::from_str(&out)
+            .with_context(|| format!("localauthority x509 {verb} printed {out:?}"))?;
+        value[key]["authority_id"]
+            .as_str()
+            .filter(|id| !id.is_empty())
+            .map(|id| X509Authority { id: id.to_string() })
+            .with_context(|| format!("localauthority x509 {verb}: no {key} in {out}"))
+    }
+
+    /// The X.509 authority signing now.
+    pub async fn active_authority(&self) -> anyhow::Result<X509Authority> {
+        self.x509_authority("show", None, "active").await
+    }
+
+    /// `localauthority x509 prepare`: a next CA, its root published in the bundle.
+    pub async fn prepare_authority(&self) -> anyhow::Result<X509Authority> {
+        self.x509_authority("prepare", None, "prepared_authority")
+            .await
+    }
+
+    /// `localauthority x509 activate`: the prepared CA signs from now on.
+    pub async fn activate_authority(&self, prepared: &X509Authority) -> anyhow::Result<()> {
+        self.x509_authority("activate", Some(prepared), "activated_authority")
+            .await
+            .map(drop)
+    }
+
+    /// `localauthority x509 taint`: agents rotate every SVID the old CA signed, now.
+    pub async fn taint_authority(&self, old: &X509Authority) -> anyhow::Result<()> {
+        self.x509_authority("taint", Some(old), "tainted_authority")
+            .await
+            .map(drop)
+    }
+
+    /// `localauthority x509 revoke`: the old CA's root leaves the bundle.
+    pub async fn revoke_authority(&self, old: &X509Authority) -> anyhow::Result<()> {
+        self.x509_authority("revoke", Some(old), "revoked_authority")
+            .await
+            .map(drop)
+    }
 }
 
 impl Drop for SpireServer {
@@ -282,7 +489,7 @@ impl SpireAgent {
         let config = format!(
             r#"agent {{
   data_dir = "{d}/data"
-  server_address = "127.0.0.1"
+  server_address = "{server_ip}"
   server_port = "{port}"
   socket_path = "{d}/public/api.sock"
   admin_socket_path = "{d}/admin/admin.sock"
@@ -308,7 +515,8 @@ plugins {{
   }}
 }}
 "#,
-            port = server.port,
+            server_ip = server.options.bind.ip(),
+            port = server.options.bind.port(),
             td = server.trust_domain,
         );
         std::fs::write(dir.join("agent.conf"), config)?;

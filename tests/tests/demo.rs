@@ -1,5 +1,6 @@
-//! `make demo` keeps working: the cross-cloud demo runs to its report and
-//! shows the guide's decisions, the round trip's annotations and what each
+//! `make demo` keeps working: the cross-cloud demo runs on real SPIRE to its
+//! report and shows the SPIRE it runs, each bundle endpoint and federation
+//! refresh, the guide's decisions, the round trip's annotations and what each
 //! node serves (trustweave-sds is built by `make test`'s `cargo build
 //! --workspace --bins`, next to the demo binary).
 
@@ -29,9 +30,13 @@ async fn the_cross_cloud_demo_prints_its_report() {
         "caller        spiffe://azure.company.com/ns/processing/sa/processor",
         "trustweave.hops=gcp:us-central1>azure:eastus>aws:us-east-1",
         "spans at the OTLP receiver from collector.aws, orchestrator.aws, processor.azure, search.gcp",
-        "aws    ← gcp.company.com (",
+        "Starting the mesh: spire-server 1.13.3",
+        "bundle endpoint https://127.73.2.2:8443",
+        "aws    ← gcp.company.com     https://127.73.2.2:8443      refreshed",
+        "onprem ← nobody",
         "default: spiffe://gcp.company.com/ns/search/sa/search-worker",
-        "trusts:  aws.company.com, azure.company.com, gcp.company.com, onprem.company.com",
+        "trusts:  aws.company.com, azure.company.com, gcp.company.com",
+        "trusts:  onprem.company.com",
         "demo complete",
     ] {
         assert!(

@@ -15,13 +15,15 @@ use std::net::SocketAddr;
 use trustweave_e2e::envoy::{normalize_serial, Envoy};
 use trustweave_e2e::http;
 use trustweave_e2e::mesh::netns::Site;
-use trustweave_e2e::mesh::{Mesh, MeshOptions};
+use trustweave_e2e::mesh::{Mesh, MeshOptions, Workload};
 use trustweave_e2e::wait::wait_until;
 
 const ORCHESTRATOR: &str = "spiffe://aws.company.com/ns/ops/sa/orchestrator";
 const SEARCH_WORKER: &str = "spiffe://gcp.company.com/ns/search/sa/search-worker";
 const PROCESSOR: &str = "spiffe://azure.company.com/ns/processing/sa/processor";
 const FEDERATED: [&str; 3] = ["aws", "gcp", "azure"];
+/// SVID lifetime of the fault test's mesh.
+const SVID_TTL: Duration = Duration::from_secs(60);
 
 async fn mesh(subnet: u8) -> (tempfile::TempDir, Mesh) {
     let dir = tempfile::Builder::new()
@@ -157,19 +159,29 @@ async fn the_multi_cloud_scenario_across_three_federated_clouds() {
         "{hop2}"
     );
 
-    // 4. On-prem is refused at the handshake everywhere; its spoofed header reaches nobody.
+    // 4. On-prem federates with nobody: every handshake between it and a cloud
+    // fails (its sidecar holds no cloud's root, no cloud holds its root); its
+    // spoofed header reaches nobody.
     let before: Vec<usize> = FEDERATED
         .iter()
         .map(|c| mesh.cloud(c).service().app.received())
         .collect();
+    let legacy = &mesh.cloud("onprem").caller().sidecar;
+    assert_eq!(
+        legacy
+            .ca_serials()
+            .await
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .len(),
+        1,
+        "on-prem's sidecar trusts its own root only"
+    );
     for to in FEDERATED {
         let service = mesh.cloud(to).service();
         let host = service.plan.host();
-        let refusals = format!(
-            "listener.{}_15006.ssl.fail_verify_error",
-            service.outbound.ip()
-        );
-        let refused_before = service.sidecar.counter(&refusals).await;
+        let refusals = format!("cluster.outbound|8080||{host}.ssl.fail_verify_error");
+        let refused_before = legacy.counter(&refusals).await;
         let refused = mesh
             .call_from(
                 "onprem",
@@ -181,12 +193,8 @@ async fn the_multi_cloud_scenario_across_three_federated_clouds() {
             .await
             .expect("call");
         assert_eq!(refused.status, 503, "onprem → {to}: {:?}", refused.response);
-        // The destination sidecar refused on-prem's certificate in the handshake.
-        assert_eq!(
-            service.sidecar.counter(&refusals).await,
-            refused_before + 1,
-            "{to}"
-        );
+        // On-prem's sidecar refused the cloud's certificate in the handshake.
+        assert_eq!(legacy.counter(&refusals).await, refused_before + 1, "{to}");
     }
     let after: Vec<usize> = FEDERATED
         .iter()
@@ -366,9 +374,48 @@ fn all_pids(mesh: &Mesh) -> Vec<Option<u32>> {
     pids
 }
 
+/// The serials of the roots in a PEM bundle.
+fn root_serials(pem: &str) -> BTreeSet<String> {
+    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .map(|p| serial_of(&p.expect("PEM").contents))
+        .collect()
+}
+
+/// AWS and Azure fetch GCP's bundle now (what the refresh hint would bring within a minute).
+async fn refresh_peers(mesh: &Mesh) {
+    for peer in ["aws", "azure"] {
+        mesh.cloud(peer)
+            .spire
+            .refresh("gcp.company.com")
+            .await
+            .expect("federation refresh");
+    }
+}
+
+/// Waits until `w`'s sidecar holds an SVID other than `before` (the agent rotated it).
+async fn wait_for_new_svid(w: &Workload, before: &[String], what: &str) -> Vec<String> {
+    wait_until(
+        &format!("{} holds a new SVID ({what})", w.plan.name),
+        Duration::from_secs(60),
+        || async {
+            let now = w.sidecar.cert_serials().await;
+            !now.is_empty() && now != before
+        },
+    )
+    .await;
+    w.sidecar.cert_serials().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_survives_ca_rotation_outages_and_restarts() {
-    let (_dir, mut mesh) = mesh(72).await;
+    let dir = tempfile::Builder::new()
+        .prefix("tw-mesh-")
+        .tempdir_in("/tmp")
+        .expect("dir");
+    let mut options = MeshOptions::new(dir.path(), 72);
+    // Short SVIDs: the agents rotate every 30 s, so outages outlast a half-life.
+    options.svid_ttl = SVID_TTL;
+    let mut mesh = Mesh::start(options).await.expect("mesh starts");
     let everywhere = [
         ("aws", "gcp"),
         ("gcp", "azure"),
@@ -377,68 +424,113 @@ async fn the_mesh_survives_ca_rotation_outages_and_restarts() {
         ("azure", "gcp"),
     ];
 
-    // A remote CA rotation, with SPIRE's overlap: nothing fails at any step.
+    // A GCP CA rotation with SPIRE's own commands: nothing fails at any step.
     let traffic = Traffic::start(&mesh, &everywhere);
-    let gcp = std::sync::Arc::clone(&mesh.cloud("gcp").spire);
-    let old_root = serial_of(&gcp.roots()[0]);
-    let next = gcp.prepare_ca_rotation();
-    let new_root = serial_of(next.root_der());
-    wait_for_trust(&mesh, &new_root, None).await; // the bundle refresh carried it everywhere
+    let gcp = &mesh.cloud("gcp").spire.server;
+    let old = gcp.active_authority().await.expect("active authority");
+    let roots_before = root_serials(&gcp.bundle_pem().await.expect("bundle"));
+    let next = gcp.prepare_authority().await.expect("prepare");
+    let roots_prepared = root_serials(&gcp.bundle_pem().await.expect("bundle"));
+    let new_roots: Vec<&String> = roots_prepared.difference(&roots_before).collect();
+    assert_eq!(
+        new_roots.len(),
+        1,
+        "prepare publishes one new root: {roots_prepared:?}"
+    );
+    let (new_root, old_root) = (
+        new_roots[0].clone(),
+        roots_before.first().cloned().expect("root"),
+    );
+    refresh_peers(&mesh).await;
+    wait_for_trust(&mesh, &new_root, None).await;
     traffic.wait_for_successes(10).await;
-    gcp.activate_next_ca();
-    for w in &mesh.cloud("gcp").workloads {
-        let pid = w.sidecar.pid().expect("pid");
-        let serial = normalize_serial(&gcp.agent().svid_serial(pid).expect("issued"));
-        wait_until(
-            &format!("GCP's {} holds its SVID from the new CA", w.plan.name),
-            Duration::from_secs(20),
-            || async { w.sidecar.cert_serials().await.contains(&serial) },
-        )
-        .await;
+    gcp.activate_authority(&next).await.expect("activate");
+    let held: Vec<Vec<String>> = {
+        let mut held = Vec::new();
+        for w in &mesh.cloud("gcp").workloads {
+            held.push(w.sidecar.cert_serials().await);
+        }
+        held
+    };
+    gcp.taint_authority(&old).await.expect("taint");
+    for (w, before) in mesh.cloud("gcp").workloads.iter().zip(&held) {
+        wait_for_new_svid(w, before, "the tainted CA's SVID replaced").await;
     }
     traffic.wait_for_successes(10).await;
-    gcp.retire_old_ca();
+    gcp.revoke_authority(&old).await.expect("revoke");
+    refresh_peers(&mesh).await;
     wait_for_trust(&mesh, &new_root, Some(&old_root)).await;
     traffic.wait_for_successes(10).await;
     traffic.stop_and_assert_nothing_failed("CA rotation");
 
-    // A SPIRE (server and agent) stops for 30 s: no handshake fails while SVIDs are valid.
+    // Azure's SPIRE server stops for longer than an SVID's half-life: its
+    // agent keeps serving, its bundle endpoint is unreachable (a refresh
+    // fails, the last bundle is kept), no handshake fails; rotation resumes.
     let traffic = Traffic::start(&mesh, &everywhere);
-    let azure = mesh.cloud("azure");
-    azure.spire.stop().await;
-    wait_until(
-        "Azure's trustweave-sds sees its agent gone",
-        Duration::from_secs(10),
-        || async {
-            azure
-                .sds
-                .metric("trustweave_sds_delegated_api_connected")
-                .await
-                == Some(0.0)
-        },
+    let processor = mesh.cloud("azure").service();
+    let fresh = wait_for_new_svid(
+        processor,
+        &processor.sidecar.cert_serials().await,
+        "a rotation before the outage",
     )
     .await;
-    let outage = tokio::time::Instant::now() + Duration::from_secs(30);
-    tokio::time::sleep_until(outage).await;
-    azure.spire.resume();
-    wait_until(
-        "Azure's trustweave-sds reconnects",
-        Duration::from_secs(20),
-        || async {
-            azure
-                .sds
-                .metric("trustweave_sds_delegated_api_connected")
-                .await
-                == Some(1.0)
-        },
-    )
-    .await;
+    let aws_spire = &mesh.cloud("aws").spire;
+    let azure_bundle = aws_spire
+        .server
+        .federated_bundle_pem("azure.company.com")
+        .await
+        .expect("azure's bundle at aws");
+    mesh.cloud_mut("azure").spire.server.stop().await;
+    let outage = tokio::time::Instant::now() + SVID_TTL / 2 + Duration::from_secs(5);
+    let aws_spire = &mesh.cloud("aws").spire;
+    let refused = aws_spire.refresh("azure.company.com").await;
     assert!(
-        mesh.cloud("aws").spire.polls("azure.company.com").failed > 0,
-        "the outage reached federation"
+        refused.is_err(),
+        "a refresh from a stopped bundle endpoint fails"
     );
+    tokio::time::sleep_until(outage).await;
+    assert_eq!(
+        aws_spire
+            .server
+            .federated_bundle_pem("azure.company.com")
+            .await
+            .expect("azure's bundle at aws"),
+        azure_bundle,
+        "the last bundle is kept"
+    );
+    mesh.cloud_mut("azure")
+        .spire
+        .server
+        .restart()
+        .await
+        .expect("spire-server restarts");
+    let processor = mesh.cloud("azure").service();
+    wait_for_new_svid(processor, &fresh, "rotation resumed").await;
+    mesh.cloud("aws")
+        .spire
+        .refresh("azure.company.com")
+        .await
+        .expect("the bundle endpoint is back");
     traffic.wait_for_successes(10).await;
-    traffic.stop_and_assert_nothing_failed("SPIRE outage");
+    traffic.stop_and_assert_nothing_failed("SPIRE server outage");
+
+    // AWS's agent restarts: trustweave-sds reconnects, the Envoys get the new agent's SVIDs.
+    let traffic = Traffic::start(&mesh, &everywhere);
+    let orchestrator = mesh.cloud("aws").caller();
+    let before = orchestrator.sidecar.cert_serials().await;
+    {
+        let cloud = mesh.cloud_mut("aws");
+        let spire = &mut cloud.spire;
+        let agent = spire.agent.as_mut().expect("agent");
+        agent
+            .restart(&spire.server)
+            .await
+            .expect("spire-agent restarts");
+    }
+    let orchestrator = mesh.cloud("aws").caller();
+    wait_for_new_svid(orchestrator, &before, "from the restarted agent").await;
+    traffic.wait_for_successes(10).await;
+    traffic.stop_and_assert_nothing_failed("agent restart");
 
     // An SDS server restarts: Envoys keep their certificates, nothing else restarts.
     let traffic = Traffic::start(&mesh, &everywhere);
@@ -507,30 +599,14 @@ async fn the_mesh_survives_ca_rotation_outages_and_restarts() {
         "the gateway's accepted sockets advertise MSS 1300: {text}"
     );
 
-    // A bundle endpoint unreachable past its refresh: calls go on with the last bundle.
-    let traffic = Traffic::start(&mesh, &everywhere);
-    let aws = std::sync::Arc::clone(&mesh.cloud("aws").spire);
-    let failed_before = aws.polls("gcp.company.com").failed;
-    gcp.endpoint().set_serving(false);
-    wait_until(
-        "three failed refreshes of GCP's bundle",
-        Duration::from_secs(20),
-        || {
-            let done = aws.polls("gcp.company.com").failed >= failed_before + 3;
-            async move { done }
-        },
-    )
-    .await;
-    assert_eq!(
-        aws.agent().bundle("gcp.company.com"),
-        Some(gcp.roots()),
-        "the last bundle is kept"
-    );
-    traffic.wait_for_successes(10).await;
-    traffic.stop_and_assert_nothing_failed("bundle endpoint unreachable");
-
-    // The federation removed on purpose: AWS ↔ GCP fail at the handshake.
-    aws.remove_federation("gcp.company.com");
+    // The federation AWS → GCP ended on purpose (`federation delete`, the
+    // bundle deleted, entries dissociated): AWS ↔ GCP fail at the handshake.
+    mesh.cloud("aws")
+        .spire
+        .server
+        .end_federation("gcp.company.com")
+        .await
+        .expect("end the federation");
     let orchestrator = mesh.cloud("aws").caller();
     let refused = "cluster.outbound|8080||search.search.svc.cluster.local.ssl.fail_verify_error";
     wait_until(

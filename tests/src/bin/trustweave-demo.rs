@@ -1,12 +1,15 @@
 //! `trustweave-demo` (`make demo`): the cross-cloud mesh on this machine, as
 //! the users' multi-cloud guide runs it on three clusters.
 //!
-//! AWS, GCP and Azure — each its own SPIFFE trust domain with its own SPIRE
-//! (stand-in), federated through SPIFFE bundle endpoints — and on-prem, which
-//! nobody federates with. Per cloud: one node-level trustweave-sds, two
-//! workloads behind real Envoy sidecars running trustweave-filter with the
-//! configuration `istio/clouds/<cloud>/` ships, and an east-west gateway.
-//! Everything listens on loopback (`127.<subnet>.<cloud>.<host>`); no root.
+//! AWS, GCP and Azure — each its own SPIFFE trust domain with its own real
+//! SPIRE (server and node agent, built by `scripts/setup.sh`), federated
+//! through SPIFFE bundle endpoints (`https_spiffe`) — and on-prem, which
+//! federates with nobody. Per cloud: one node-level trustweave-sds (the
+//! agent's authorized delegate), two workloads behind real Envoy sidecars
+//! running trustweave-filter with the configuration `istio/clouds/<cloud>/`
+//! ships, and an east-west gateway. Everything listens on loopback
+//! (`127.<subnet>.<cloud>.<host>`). As root each sidecar runs as its own user
+//! (SPIRE selects it by `unix:uid:N`); otherwise by its own binary path.
 //!
 //! Prints a table of calls (from → to, action, decision, latency), what each
 //! service received on a round trip AWS → GCP → Azure → AWS, and what each
@@ -51,25 +54,32 @@ async fn main() -> anyhow::Result<()> {
         options.sds_bin = bin;
     }
     let started = Instant::now();
-    step("Starting the mesh: SPIRE ×4, trustweave-sds ×4 (--source delegated), Envoy ×10");
+    let spire_version = trustweave_e2e::real_spire::version()
+        .await
+        .context("SPIRE (scripts/setup.sh builds it)")?;
+    step(&format!(
+        "Starting the mesh: {spire_version} and its agent ×4, trustweave-sds ×4 (--source delegated), Envoy ×10"
+    ));
     let mesh = Mesh::start(options).await.context("starting the mesh")?;
     for cloud in &mesh.clouds {
         let federation = if cloud.plan.federated {
             format!("federated with {}", cloud.federates_with.join(", "))
         } else {
-            "nobody federates with it".to_string()
+            "federates with nobody".to_string()
         };
         println!(
-            "  {:<6} {:<19} {:<12} bundle endpoint https://{}  {federation}",
+            "  {:<6} {:<19} {:<12} bundle endpoint {}  {federation}",
             cloud.plan.name,
             cloud.plan.trust_domain,
             cloud.plan.region,
-            cloud.spire.endpoint().addr(),
+            cloud.spire.server.bundle_endpoint_url().unwrap_or_default(),
         );
         for w in &cloud.workloads {
             println!(
-                "         {:<40} sidecar outbound {}",
-                w.spiffe_id, w.outbound
+                "         {:<52} sidecar outbound {}  SPIRE selector {}",
+                w.spiffe_id,
+                w.outbound,
+                w.selector.selector()
             );
         }
         if cloud.gateway.is_some() {
@@ -157,21 +167,23 @@ async fn main() -> anyhow::Result<()> {
         services.join(", ")
     );
 
-    step("Federation: each SPIRE polls its peers' bundle endpoints (https_spiffe)");
+    step("Federation: `spire-server federation refresh` of each peer's bundle endpoint (https_spiffe)");
     for cloud in &mesh.clouds {
-        let peers: Vec<String> = mesh
-            .clouds
-            .iter()
-            .filter(|peer| peer.plan.federated && peer.plan.name != cloud.plan.name)
-            .map(|peer| {
-                let polls = cloud.spire.polls(peer.plan.trust_domain);
-                format!(
-                    "{} ({} ok, {} failed)",
-                    peer.plan.trust_domain, polls.ok, polls.failed
-                )
-            })
-            .collect();
-        println!("  {:<6} ← {}", cloud.plan.name, peers.join(", "));
+        if cloud.spire.refreshes.is_empty() {
+            println!("  {:<6} ← nobody", cloud.plan.name);
+        }
+        for refresh in &cloud.spire.refreshes {
+            println!(
+                "  {:<6} ← {:<19} {:<28} {}",
+                cloud.plan.name,
+                refresh.trust_domain,
+                refresh.url,
+                match &refresh.result {
+                    Ok(()) => "refreshed".to_string(),
+                    Err(e) => format!("FAILED: {e}"),
+                }
+            );
+        }
     }
 
     step("What each node's trustweave-sds serves its Envoys (trustweave-sds inspect --workloads)");

@@ -1,26 +1,30 @@
 //! The cross-cloud mesh on one machine: three federated clouds (AWS, GCP,
-//! Azure, each its own trust domain and SPIRE) and an on-prem domain nobody
-//! federates with. Per cloud: SPIRE (server, node agent, bundle endpoint), one
-//! node-level `trustweave-sds` process, two workloads (a service and a
-//! caller), each an app behind its own sidecar Envoy, and an east-west gateway
-//! Envoy on `15443`. Each cloud has its own addresses: as root, inside a
+//! Azure, each its own trust domain and real SPIRE) and an on-prem domain
+//! that federates with nobody. Per cloud: SPIRE (a `spire-server` with its
+//! `https_spiffe` bundle endpoint, a `spire-agent` for the node), one
+//! node-level `trustweave-sds` process (the agent's authorized delegate), two
+//! workloads (a service and a caller), each an app behind its own sidecar
+//! Envoy, and an east-west gateway Envoy on `15443`. As root each sidecar runs
+//! as its own user and is registered by `unix:uid:N`; otherwise each runs from
+//! its own path of the Envoy binary, registered by `unix:path:`. Each cloud has its own addresses: as root, inside a
 //! network namespace of its own (`10.<subnet>.<cloud>.<host>`, see
 //! [`netns`]); otherwise on loopback (`127.<subnet>.<cloud>.<host>`). Meshes
 //! with different subnets run side by side; the gateway keeps its address
-//! across restarts. SPIRE (servers, bundle endpoints) and the node
+//! across restarts. SPIRE (servers, bundle endpoints, agents) and the node
 //! trustweave-sds processes are host-side, reached over Unix sockets.
 //!
 //! Used by the end-to-end test (`tests/tests/mesh.rs`) and `make demo`.
 
 pub mod app;
 pub mod bootstrap;
-pub mod bundle_endpoint;
 pub mod netns;
 pub mod node_sds;
 pub mod otlp;
 pub mod spire;
 
+use std::fs::Permissions;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +38,7 @@ use bootstrap::Route;
 use netns::{Namespaces, NetNs, Site};
 use node_sds::NodeSds;
 use otlp::OtlpReceiver;
-use spire::SpireStandIn;
+use spire::{CloudSpire, WorkloadSelector};
 
 /// A workload of the plan.
 #[derive(Clone, Debug)]
@@ -153,6 +157,8 @@ pub mod ports {
     pub const GATEWAY: u16 = 15443;
     /// SPIRE server bundle endpoint.
     pub const BUNDLE_ENDPOINT: u16 = 8443;
+    /// SPIRE server API (for its agent).
+    pub const SPIRE_SERVER: u16 = 8081;
     /// trustweave-sds admin.
     pub const SDS_ADMIN: u16 = 15200;
 }
@@ -174,9 +180,7 @@ pub struct MeshOptions {
     pub dir: PathBuf,
     /// Second octet of every address: meshes with different subnets do not collide.
     pub subnet: u8,
-    /// `bundle_endpoint_refresh_interval` of every federation.
-    pub refresh: Duration,
-    /// Lifetime of issued SVIDs.
+    /// Lifetime of issued SVIDs (SPIRE's `default_x509_svid_ttl`; agents rotate at half of it).
     pub svid_ttl: Duration,
     /// The trustweave-sds binary.
     pub sds_bin: PathBuf,
@@ -185,13 +189,12 @@ pub struct MeshOptions {
 }
 
 impl MeshOptions {
-    /// Defaults for `dir` and `subnet`: 1 s refresh, 1 h SVIDs, the built
-    /// trustweave-sds, namespaces when they can be made (root).
+    /// Defaults for `dir` and `subnet`: 1 h SVIDs, the built trustweave-sds,
+    /// namespaces when they can be made (root).
     pub fn new(dir: &Path, subnet: u8) -> Self {
         Self {
             dir: dir.to_path_buf(),
             subnet,
-            refresh: Duration::from_secs(1),
             svid_ttl: Duration::from_secs(3600),
             sds_bin: node_sds::binary(),
             namespaces: NetNs::available(),
@@ -205,6 +208,10 @@ pub struct Workload {
     pub plan: WorkloadPlan,
     /// SPIFFE ID.
     pub spiffe_id: String,
+    /// How SPIRE selects it.
+    pub selector: WorkloadSelector,
+    /// Its SPIRE entry.
+    pub entry_id: String,
     /// The app.
     pub app: App,
     /// Its sidecar.
@@ -220,7 +227,7 @@ pub struct Cloud {
     /// Where its data plane runs.
     pub site: Site,
     /// Its SPIRE.
-    pub spire: Arc<SpireStandIn>,
+    pub spire: CloudSpire,
     /// Its node's trustweave-sds.
     pub sds: NodeSds,
     /// Its workloads (service first).
@@ -259,11 +266,37 @@ fn gateway_name(plan: &CloudPlan) -> String {
     format!("{}-eastwest", plan.name)
 }
 
+/// The trust domains `cloud` federates with: every other federated cloud's (none on-prem).
 fn federation_peers(cloud: &CloudPlan, all: &[CloudPlan]) -> Vec<&'static str> {
+    if !cloud.federated {
+        return Vec::new();
+    }
     all.iter()
         .filter(|c| c.name != cloud.name && c.federated)
         .map(|c| c.trust_domain)
         .collect()
+}
+
+/// `items[i]` mutable beside `items[j]` (`i != j`).
+fn pair_mut<T>(items: &mut [T], i: usize, j: usize) -> (&mut T, &T) {
+    assert_ne!(i, j);
+    if i < j {
+        let (left, right) = items.split_at_mut(j);
+        (&mut left[i], &right[0])
+    } else {
+        let (left, right) = items.split_at_mut(i);
+        (&mut right[0], &left[j])
+    }
+}
+
+/// The user workload `k` of cloud `cloud` runs as (as root): distinct across meshes' subnets.
+pub fn workload_uid(subnet: u8, cloud: usize, k: usize) -> u32 {
+    20_000 + u32::from(subnet) * 100 + cloud as u32 * 10 + k as u32
+}
+
+/// Where a mesh in `dir` keeps its Envoys' files.
+fn envoy_dir(dir: &Path) -> PathBuf {
+    dir.join("envoy")
 }
 
 async fn wait_for_port_free(site: &Site, addr: SocketAddr) {
@@ -322,9 +355,14 @@ impl Mesh {
             .unwrap_or_else(|| panic!("no cloud {name}"))
     }
 
+    /// Where every Envoy's configuration, log and admin address are (writable by every workload user).
+    pub fn envoy_dir(&self) -> PathBuf {
+        envoy_dir(&self.options.dir)
+    }
+
     /// Restarts cloud `name`'s east-west gateway (a new process on the same address).
     pub async fn restart_gateway(&mut self, name: &str) {
-        let dir = self.options.dir.clone();
+        let dir = self.envoy_dir();
         let cloud = self.cloud_mut(name);
         cloud.gateway = None; // killed on drop
         wait_for_port_free(&cloud.site, cloud.gateway_addr).await;
@@ -377,36 +415,66 @@ impl Mesh {
         let in_ns = namespaces.is_some();
         let data = |cloud: usize, host: u8| data_address(subnet, in_ns, cloud, host);
 
-        // SPIRE per cloud, then federation (on-prem trusts the clouds; nobody trusts on-prem).
+        // SPIRE per cloud, then federation between the federated clouds, each
+        // pair's first refresh checked; on-prem federates with nobody.
+        let as_root = rustix::process::geteuid().is_root();
+        let envoys = envoy_dir(&options.dir);
+        std::fs::create_dir_all(&envoys)?;
+        if as_root {
+            // Workload users reach their sockets and write their Envoy files.
+            std::fs::set_permissions(&options.dir, Permissions::from_mode(0o711))?;
+            std::fs::set_permissions(&envoys, Permissions::from_mode(0o1777))?;
+            std::fs::set_permissions(otlp.socket(), Permissions::from_mode(0o666))?;
+        }
         let mut spires = Vec::new();
         for (i, cloud) in plan.iter().enumerate() {
             let dir = options.dir.join(cloud.name);
             std::fs::create_dir_all(&dir)?;
+            if as_root {
+                std::fs::set_permissions(&dir, Permissions::from_mode(0o711))?;
+            }
+            let host = address(subnet, i, hosts::SPIRE_SERVER);
             spires.push(
-                SpireStandIn::start(
+                CloudSpire::start(
+                    &dir,
                     cloud.trust_domain,
-                    &dir.join("admin.sock"),
-                    &node_sds::delegate_id(cloud.trust_domain),
-                    SocketAddr::new(
-                        address(subnet, i, hosts::SPIRE_SERVER),
-                        ports::BUNDLE_ENDPOINT,
-                    ),
-                    options.refresh,
+                    SocketAddr::new(host, ports::SPIRE_SERVER),
+                    SocketAddr::new(host, ports::BUNDLE_ENDPOINT),
                     options.svid_ttl,
                 )
-                .await,
+                .await?,
             );
         }
-        for (i, spire) in spires.iter().enumerate() {
-            for (j, peer) in plan.iter().enumerate() {
-                if i != j && peer.federated {
-                    spire.federate_with(
-                        peer.trust_domain,
-                        spires[j].endpoint().addr(),
-                        spires[j].roots(),
-                    );
+        for i in 0..spires.len() {
+            for j in 0..spires.len() {
+                if i != j && plan[i].federated && plan[j].federated {
+                    let (spire, peer) = pair_mut(&mut spires, i, j);
+                    spire.federate_with(peer).await?;
                 }
             }
+        }
+        // Each workload's selector, its entry's `federatesWith`, then the node agent.
+        let mut selectors = Vec::new();
+        for (i, cloud) in plan.iter().enumerate() {
+            let spire = &mut spires[i];
+            spire
+                .start_agent(&node_sds::delegate_id(cloud.trust_domain), &options.sds_bin)
+                .await?;
+            let mut of_cloud = Vec::new();
+            for (k, w) in cloud.workloads.iter().enumerate() {
+                let selector = if as_root {
+                    WorkloadSelector::Uid(workload_uid(subnet, i, k))
+                } else {
+                    let path = envoys.join(format!("envoy-{}-{}", cloud.name, w.name));
+                    WorkloadSelector::Path(crate::envoy::binary_at(&path)?)
+                };
+                let peers = federation_peers(cloud, &plan);
+                let entry = spire
+                    .register(&w.spiffe_id(cloud.trust_domain), &selector, &peers)
+                    .await?;
+                of_cloud.push((selector, entry));
+            }
+            selectors.push(of_cloud);
         }
 
         // Every service's route: its pod in its own cloud, its cloud's gateway from elsewhere.
@@ -430,20 +498,29 @@ impl Mesh {
         };
 
         let mut clouds = Vec::new();
-        for ((i, cloud), spire) in plan.iter().enumerate().zip(spires) {
+        for (((i, cloud), spire), registered) in plan.iter().enumerate().zip(spires).zip(selectors)
+        {
             let dir = options.dir.join(cloud.name);
             let site = site(i);
+            let uids: Vec<u32> = registered
+                .iter()
+                .filter_map(|(selector, _)| match selector {
+                    WorkloadSelector::Uid(uid) => Some(*uid),
+                    WorkloadSelector::Path(_) => None,
+                })
+                .collect();
             let sds = NodeSds::start(
                 &options.sds_bin,
                 &dir,
-                &spire,
+                &spire.admin_endpoint(),
                 SocketAddr::new(address(subnet, i, hosts::SDS), ports::SDS_ADMIN),
+                &uids,
             )
             .await?;
             let routes = route(i);
             let federates_with = federation_peers(cloud, &plan);
             let mut workloads = Vec::new();
-            for w in &cloud.workloads {
+            for (w, (selector, entry_id)) in cloud.workloads.iter().zip(registered) {
                 let pod = data(i, w.pod);
                 let outbound = SocketAddr::new(pod, ports::OUTBOUND);
                 let service_name = format!("{}.{}", w.name, cloud.name);
@@ -477,21 +554,19 @@ impl Mesh {
                     sds_socket: sds.socket(),
                     otlp: otlp.socket(),
                 });
-                let sidecar = Envoy::start_at(
+                let sidecar = Envoy::start_as(
                     &site,
+                    &selector.run_as(),
                     &format!("{}-{}", cloud.name, w.name),
-                    &options.dir,
+                    &envoys,
                     &config,
                 )
                 .await;
-                let pid = sidecar
-                    .pid()
-                    .ok_or_else(|| anyhow::anyhow!("sidecar PID"))?;
-                let spiffe_id = w.spiffe_id(cloud.trust_domain);
-                spire.register(pid, &spiffe_id, &federates_with);
                 workloads.push(Workload {
                     plan: w.clone(),
-                    spiffe_id,
+                    spiffe_id: w.spiffe_id(cloud.trust_domain),
+                    selector,
+                    entry_id,
                     app,
                     sidecar,
                     outbound,
@@ -511,13 +586,7 @@ impl Mesh {
             );
             let gateway = if cloud.federated {
                 Some(
-                    Envoy::start_at(
-                        &site,
-                        &gateway_name(cloud),
-                        &options.dir,
-                        &gateway_bootstrap,
-                    )
-                    .await,
+                    Envoy::start_at(&site, &gateway_name(cloud), &envoys, &gateway_bootstrap).await,
                 )
             } else {
                 None

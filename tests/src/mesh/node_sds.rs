@@ -1,5 +1,6 @@
 //! A node's trustweave-sds process in node mode (`--source delegated`),
-//! attested by its node agent as the authorized delegate.
+//! attested by its node's real spire-agent as the authorized delegate (an
+//! entry selecting its binary's path).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tokio::process::{Child, Command};
 
-use super::spire::SpireStandIn;
 use crate::http;
 
 /// The SPIFFE ID of a node's trustweave-sds (its agent's authorized delegate).
@@ -39,28 +39,33 @@ pub struct NodeSds {
     admin_socket: String,
     admin: SocketAddr,
     socket: PathBuf,
+    allowed_uids: Vec<u32>,
     child: Option<Child>,
-    spire_agent: std::sync::Arc<crate::delegated_api::DelegatedApiStandIn>,
-    delegate_id: String,
 }
 
 impl NodeSds {
-    /// Starts it for `spire`'s node, its SDS socket in `dir`, admin on `admin`; waits until ready.
+    /// Starts it on the agent's `admin_endpoint` (`unix:<path>`), its SDS
+    /// socket in `dir` open to `allowed_uids` (none: its own), admin on
+    /// `admin`; waits until ready.
     pub async fn start(
         bin: &Path,
         dir: &Path,
-        spire: &SpireStandIn,
+        admin_endpoint: &str,
         admin: SocketAddr,
+        allowed_uids: &[u32],
     ) -> anyhow::Result<Self> {
+        let socket = dir.join("sds/socket");
+        if let Some(parent) = socket.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
         let mut sds = Self {
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
-            admin_socket: spire.agent().endpoint(),
+            admin_socket: admin_endpoint.to_string(),
             admin,
-            socket: dir.join("sds/socket"),
+            socket,
+            allowed_uids: allowed_uids.to_vec(),
             child: None,
-            spire_agent: std::sync::Arc::clone(spire.agent()),
-            delegate_id: delegate_id(spire.trust_domain()),
         };
         sds.spawn().await?;
         Ok(sds)
@@ -72,7 +77,14 @@ impl NodeSds {
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if !self.allowed_uids.is_empty() {
+            let uids: Vec<String> = self.allowed_uids.iter().map(u32::to_string).collect();
+            command
+                .args(["--socket-mode", "0666", "--allowed-uids"])
+                .arg(uids.join(","));
+        }
+        let child = command
             .args([
                 "--source",
                 "delegated",
@@ -92,12 +104,6 @@ impl NodeSds {
                     self.bin.display()
                 )
             })?;
-        // The agent attests its delegate by PID: this process is trustweave-sds.
-        let pid = child.id().context("trustweave-sds PID")?;
-        let id = self.delegate_id.clone();
-        self.spire_agent.update(|state| {
-            state.callers.insert(pid, id);
-        });
         self.child = Some(child);
         let started = Instant::now();
         loop {
@@ -106,7 +112,8 @@ impl NodeSds {
                     return Ok(());
                 }
             }
-            if started.elapsed() > Duration::from_secs(15) {
+            // The agent learns its delegate's entry at its next sync (about 5 s).
+            if started.elapsed() > Duration::from_secs(30) {
                 bail!("trustweave-sds not ready; see {}", log_path.display());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

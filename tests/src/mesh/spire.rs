@@ -1,262 +1,178 @@
-//! One cloud's SPIRE, standing in for its server and its node's agent: the
-//! trust domain's CA, the agent's Delegated Identity API (what trustweave-sds
-//! in node mode reads), the server's SPIFFE bundle endpoint, and federation
-//! as SPIRE does it — for each federated trust domain, its bundle endpoint is
-//! polled every refresh interval and what it publishes becomes that domain's
-//! bundle on the agent. A failed poll keeps the last bundle.
+//! One cloud's real SPIRE: a `spire-server` for its trust domain (sqlite,
+//! `join_token`, disk keys, short SVIDs) with a SPIFFE bundle endpoint
+//! (`https_spiffe`) on the cloud's address, and one `spire-agent` for its
+//! node (`unix` workload attestor, Workload API socket, admin socket for the
+//! node's trustweave-sds, the one authorized delegate).
 //!
-//! CA rotation follows SPIRE's overlap: the next root is published beside the
-//! current one (`prepare_ca_rotation`), SVIDs are then signed by it
-//! (`activate_next_ca`), and only later is the old root dropped
-//! (`retire_old_ca`).
+//! Federation is set up as SPIRE's own federation suites do it (see
+//! [`SpireServer::federate_with`]); every pair's first `federation refresh`
+//! must succeed ([`CloudSpire::refresh`] returns SPIRE's error otherwise).
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
+use anyhow::Context;
 
-use super::bundle_endpoint::{self, BundleEndpoint, PublishedBundle};
-use crate::delegated_api::DelegatedApiStandIn;
-use crate::pki::{IssuedSvid, TrustDomainCa};
+use crate::envoy::RunAs;
+use crate::real_spire::{ServerOptions, SpireAgent, SpireServer};
 
-/// How many polls of one federated bundle endpoint succeeded and failed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PollStats {
-    /// Polls that returned a valid bundle.
-    pub ok: u64,
-    /// Polls that failed (unreachable, refused TLS, invalid bundle).
-    pub failed: u64,
-    /// The last failure.
-    pub last_error: Option<String>,
+/// How SPIRE tells one workload's Envoy apart (and how that Envoy is run).
+#[derive(Clone, Debug)]
+pub enum WorkloadSelector {
+    /// Run as its own user: `unix:uid:N` (needs root), as the guide registers workloads.
+    Uid(u32),
+    /// Run from its own path of the Envoy binary: `unix:path:<path>` (without root).
+    Path(PathBuf),
 }
 
-/// A cloud's SPIRE server and node agent.
-pub struct SpireStandIn {
-    trust_domain: String,
-    /// The trust domain's CAs: the last signs; all are in the bundle.
-    cas: Mutex<Vec<Arc<TrustDomainCa>>>,
-    agent: Arc<DelegatedApiStandIn>,
-    endpoint: Arc<BundleEndpoint>,
-    refresh: Duration,
-    svid_ttl: Duration,
-    pollers: Mutex<BTreeMap<String, JoinHandle<()>>>,
-    polls: Arc<Mutex<BTreeMap<String, PollStats>>>,
-}
+impl WorkloadSelector {
+    /// The SPIRE selector.
+    pub fn selector(&self) -> String {
+        match self {
+            Self::Uid(uid) => format!("unix:uid:{uid}"),
+            Self::Path(path) => format!("unix:path:{}", path.display()),
+        }
+    }
 
-impl std::fmt::Debug for SpireStandIn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SpireStandIn")
-            .field("trust_domain", &self.trust_domain)
-            .finish_non_exhaustive()
+    /// How its Envoy runs.
+    pub fn run_as(&self) -> RunAs {
+        match self {
+            Self::Uid(uid) => RunAs::User(*uid),
+            Self::Path(path) => RunAs::Program(path.clone()),
+        }
     }
 }
 
-/// The SPIFFE ID a SPIRE server's bundle endpoint presents.
-pub fn server_id(trust_domain: &str) -> String {
-    format!("spiffe://{trust_domain}/spire/server")
+/// The first `federation refresh` of one relationship, for the report.
+#[derive(Clone, Debug)]
+pub struct FederationRefresh {
+    /// The federated trust domain.
+    pub trust_domain: String,
+    /// Its bundle endpoint.
+    pub url: String,
+    /// `ok`, or SPIRE's error.
+    pub result: Result<(), String>,
 }
 
-impl SpireStandIn {
-    /// Starts the agent on `admin_socket` (authorizing `delegate_id`, attested
-    /// later by PID) and the bundle endpoint on `endpoint_addr`.
+/// A cloud's SPIRE server and its node's agent.
+pub struct CloudSpire {
+    /// The server.
+    pub server: SpireServer,
+    /// The node's agent (started by [`CloudSpire::start_agent`]).
+    pub agent: Option<SpireAgent>,
+    dir: PathBuf,
+    /// Each relationship's first refresh.
+    pub refreshes: Vec<FederationRefresh>,
+}
+
+/// The SPIFFE ID of the node agent of `trust_domain` (its join token's alias).
+pub fn agent_id(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}/node/node-1")
+}
+
+impl CloudSpire {
+    /// Starts the server in `dir`: agents reach it on `bind`, its bundle endpoint is `bundle_endpoint`.
     pub async fn start(
+        dir: &Path,
         trust_domain: &str,
-        admin_socket: &Path,
-        delegate_id: &str,
-        endpoint_addr: SocketAddr,
-        refresh: Duration,
+        bind: SocketAddr,
+        bundle_endpoint: SocketAddr,
         svid_ttl: Duration,
-    ) -> Arc<Self> {
-        let ca = Arc::new(TrustDomainCa::new(trust_domain));
-        let agent =
-            DelegatedApiStandIn::start(admin_socket, 0, delegate_id, &[&ca], svid_ttl).await;
-        let endpoint = BundleEndpoint::start(
-            endpoint_addr,
-            ca.issue_svid(&server_id(trust_domain), svid_ttl),
-            PublishedBundle {
-                roots: vec![ca.root_der().to_vec()],
-                sequence: 1,
-                refresh_hint: refresh,
-            },
-        )
-        .await;
-        Arc::new(Self {
-            trust_domain: trust_domain.to_string(),
-            cas: Mutex::new(vec![ca]),
-            agent,
-            endpoint,
-            refresh,
+    ) -> anyhow::Result<Self> {
+        let options = ServerOptions {
+            bind,
             svid_ttl,
-            pollers: Mutex::new(BTreeMap::new()),
-            polls: Arc::new(Mutex::new(BTreeMap::new())),
+            bundle_endpoint: Some(bundle_endpoint),
+        };
+        let server = SpireServer::start_with(&dir.join("server"), trust_domain, options)
+            .await
+            .with_context(|| format!("spire-server for {trust_domain}"))?;
+        Ok(Self {
+            server,
+            agent: None,
+            dir: dir.to_path_buf(),
+            refreshes: Vec::new(),
         })
     }
 
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        self.server.trust_domain()
     }
 
-    /// The node agent's Delegated Identity API.
-    pub fn agent(&self) -> &Arc<DelegatedApiStandIn> {
-        &self.agent
-    }
-
-    /// The bundle endpoint.
-    pub fn endpoint(&self) -> &Arc<BundleEndpoint> {
-        &self.endpoint
-    }
-
-    /// The CA that signs now.
-    pub fn signing_ca(&self) -> Arc<TrustDomainCa> {
-        Arc::clone(self.cas.lock().expect("cas").last().expect("a CA"))
-    }
-
-    /// The roots of this trust domain's bundle.
-    pub fn roots(&self) -> Vec<Vec<u8>> {
-        self.cas
-            .lock()
-            .expect("cas")
-            .iter()
-            .map(|ca| ca.root_der().to_vec())
-            .collect()
-    }
-
-    /// Registers workload `pid` as `spiffe_id`, federating with `federates_with`.
-    pub fn register(&self, pid: u32, spiffe_id: &str, federates_with: &[&str]) -> IssuedSvid {
-        self.agent
-            .register(pid, &self.signing_ca(), spiffe_id, federates_with)
-    }
-
-    /// Federates with `peer` (bare trust domain): `bootstrap` is the bundle the
-    /// operator set once (`trustDomainBundle`); from then on the peer's bundle
-    /// endpoint at `peer_endpoint` is polled every refresh interval.
-    pub fn federate_with(&self, peer: &str, peer_endpoint: SocketAddr, bootstrap: Vec<Vec<u8>>) {
-        self.agent.set_bundle(peer, bootstrap.clone());
-        let (agent, polls, refresh) = (
-            Arc::clone(&self.agent),
-            Arc::clone(&self.polls),
-            self.refresh,
-        );
-        let peer_td = peer.to_string();
-        let task = tokio::spawn(async move {
-            let endpoint_id = server_id(&peer_td);
-            let mut held = bootstrap;
-            let mut wait = refresh;
-            loop {
-                tokio::time::sleep(wait).await;
-                let fetched =
-                    bundle_endpoint::fetch(peer_endpoint, &endpoint_id, &held, refresh).await;
-                let mut polls = polls.lock().expect("polls");
-                let stats = polls.entry(peer_td.clone()).or_default();
-                match fetched {
-                    Ok(bundle) => {
-                        stats.ok += 1;
-                        // As SPIRE: the publisher's refresh hint, if sooner than ours.
-                        wait = match bundle.refresh_hint {
-                            hint if hint.is_zero() => refresh,
-                            hint => hint.min(refresh),
-                        };
-                        if bundle.roots != held {
-                            held = bundle.roots;
-                            agent.set_bundle(&peer_td, held.clone());
-                        }
-                    }
-                    Err(error) => {
-                        stats.failed += 1;
-                        stats.last_error = Some(error.to_string());
-                    }
-                }
-            }
+    /// Federates with `peer` and refreshes its bundle once; SPIRE's error if the refresh fails.
+    pub async fn federate_with(&mut self, peer: &CloudSpire) -> anyhow::Result<()> {
+        self.server.federate_with(&peer.server).await?;
+        let result = self.refresh(peer.trust_domain()).await;
+        self.refreshes.push(FederationRefresh {
+            trust_domain: peer.trust_domain().to_string(),
+            url: peer.server.bundle_endpoint_url().unwrap_or_default(),
+            result: result.as_ref().map(drop).map_err(|e| format!("{e:#}")),
         });
-        if let Some(old) = self
-            .pollers
-            .lock()
-            .expect("pollers")
-            .insert(peer.to_string(), task)
-        {
-            old.abort();
-        }
+        result.with_context(|| {
+            format!(
+                "{} cannot refresh {}'s bundle",
+                self.trust_domain(),
+                peer.trust_domain()
+            )
+        })
     }
 
-    /// Ends the federation with `peer` on purpose: polling stops, its bundle is
-    /// deleted and no workload federates with it any more.
-    pub fn remove_federation(&self, peer: &str) {
-        if let Some(task) = self.pollers.lock().expect("pollers").remove(peer) {
-            task.abort();
-        }
-        self.agent.update(|state| {
-            state.bundles.remove(peer);
-            for entry in state.workloads.values_mut() {
-                entry.federates_with.remove(peer);
-            }
-        });
+    /// `federation refresh` of `trust_domain` now.
+    pub async fn refresh(&self, trust_domain: &str) -> anyhow::Result<()> {
+        self.server.refresh_federation(trust_domain).await
     }
 
-    /// Poll statistics for `peer`'s bundle endpoint.
-    pub fn polls(&self, peer: &str) -> PollStats {
-        self.polls
-            .lock()
-            .expect("polls")
-            .get(peer)
-            .cloned()
-            .unwrap_or_default()
+    /// Starts the node agent, trustweave-sds (`sds_bin`, by its path) its authorized delegate.
+    pub async fn start_agent(&mut self, delegate_id: &str, sds_bin: &Path) -> anyhow::Result<()> {
+        let td = self.trust_domain().to_string();
+        let agent = SpireAgent::start(
+            &self.server,
+            &self.dir.join("agent"),
+            &agent_id(&td),
+            &[delegate_id],
+        )
+        .await
+        .with_context(|| format!("spire-agent for {td}"))?;
+        let bin = std::fs::canonicalize(sds_bin)
+            .with_context(|| format!("{} (cargo build --workspace --bins)", sds_bin.display()))?;
+        self.server
+            .create_entry(
+                &agent_id(&td),
+                delegate_id,
+                &[&format!("unix:path:{}", bin.display())],
+                &[],
+            )
+            .await?;
+        self.agent = Some(agent);
+        Ok(())
     }
 
-    fn publish_own_bundle(&self) {
-        let roots = self.roots();
-        self.agent.set_bundle(&self.trust_domain, roots.clone());
-        let sequence = self.endpoint.published().sequence + 1;
-        self.endpoint.publish(PublishedBundle {
-            roots,
-            sequence,
-            refresh_hint: self.refresh,
-        });
+    /// Registers a workload on the node; its entry ID.
+    pub async fn register(
+        &self,
+        spiffe_id: &str,
+        selector: &WorkloadSelector,
+        federates_with: &[&str],
+    ) -> anyhow::Result<String> {
+        self.server
+            .create_entry(
+                &agent_id(self.trust_domain()),
+                spiffe_id,
+                &[&selector.selector()],
+                federates_with,
+            )
+            .await
     }
 
-    /// Rotation, step 1: the next root CA joins the bundle (nothing signs with it yet).
-    pub fn prepare_ca_rotation(&self) -> Arc<TrustDomainCa> {
-        let next = Arc::new(self.signing_ca().successor());
-        self.cas.lock().expect("cas").push(Arc::clone(&next));
-        self.publish_own_bundle();
-        next
+    /// The node agent.
+    pub fn agent(&self) -> &SpireAgent {
+        self.agent.as_ref().expect("the agent is started")
     }
 
-    /// Rotation, step 2: every workload and the bundle endpoint get SVIDs from the new CA.
-    pub fn activate_next_ca(&self) {
-        let ca = self.signing_ca();
-        self.agent.reissue_all(&ca);
-        self.endpoint
-            .present(ca.issue_svid(&server_id(&self.trust_domain), self.svid_ttl));
-    }
-
-    /// Rotation, step 3: the old roots leave the bundle.
-    pub fn retire_old_ca(&self) {
-        self.cas.lock().expect("cas").drain(..1);
-        self.publish_own_bundle();
-    }
-
-    /// Stops the server and the agent (an outage): the bundle endpoint drops
-    /// connections, the admin socket goes away.
-    pub async fn stop(&self) {
-        self.endpoint.set_serving(false);
-        self.agent.stop_serving().await;
-    }
-
-    /// Starts them again.
-    pub fn resume(&self) {
-        self.agent.start_serving();
-        self.endpoint.set_serving(true);
-    }
-}
-
-impl Drop for SpireStandIn {
-    fn drop(&mut self) {
-        for task in self.pollers.lock().expect("pollers").values() {
-            task.abort();
-        }
+    /// The agent's admin socket, as trustweave-sds's `--admin-socket` takes it.
+    pub fn admin_endpoint(&self) -> String {
+        format!("unix:{}", self.agent().admin_socket())
     }
 }
