@@ -19,6 +19,9 @@ use trustweave_sds::render::SECRET_TYPE_URL;
 /// Secret names each client subscribes to, one stream each (as Istio's Envoy does).
 pub const NAMES: [&str; 2] = ["default", "ROOTCA"];
 
+/// What a client prints, before the name, when a stream of that name ends: `ended:default <nanos>`.
+pub const ENDED: &str = "ended:";
+
 /// Wall-clock nanoseconds (one clock for every process on the machine).
 pub fn now_nanos() -> u128 {
     SystemTime::now()
@@ -74,7 +77,8 @@ async fn connect(socket: &Path) -> anyhow::Result<tonic::transport::Channel> {
 }
 
 /// Runs `connections` Envoy-like clients on `socket` until stdin closes,
-/// printing `ready` once every stream got its first response.
+/// printing `ready` once every stream got its first response, and
+/// `ended:<name> <nanos>` for each stream that ends.
 pub async fn run_clients(socket: &Path, connections: usize) -> anyhow::Result<()> {
     let (lines, mut received) = mpsc::unbounded_channel::<String>();
     for _ in 0..connections {
@@ -83,9 +87,9 @@ pub async fn run_clients(socket: &Path, connections: usize) -> anyhow::Result<()
             let lines = lines.clone();
             let channel = channel.clone();
             tokio::spawn(async move {
-                if let Err(error) = stream(channel, name, lines.clone()).await {
-                    let _ = lines.send(format!("error {error}\n"));
-                }
+                // A stream the server ends (or fails) is reported, never reopened.
+                let _ = stream(channel, name, lines.clone()).await;
+                let _ = lines.send(format!("{ENDED}{name} {}\n", now_nanos()));
             });
         }
     }
@@ -101,7 +105,9 @@ pub async fn run_clients(socket: &Path, connections: usize) -> anyhow::Result<()
         tokio::select! {
             line = received.recv() => {
                 let Some(line) = line else { return Ok(()) };
-                if first < expected {
+                if line.starts_with(ENDED) {
+                    stdout.write_all(line.as_bytes()).await?;
+                } else if first < expected {
                     first += 1;
                     if first == expected {
                         stdout.write_all(b"ready\n").await?;

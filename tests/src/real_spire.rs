@@ -579,6 +579,26 @@ plugins {{
         self.spawn(server).await
     }
 
+    /// Process ID, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Waits until the agent serves an X.509-SVID to this process's user on
+    /// its Workload API (`api fetch x509`): its entries have synced.
+    pub async fn wait_for_svid(&self, limit: Duration) -> anyhow::Result<()> {
+        let socket = self.workload_socket();
+        wait_until_ok(limit, || async {
+            run(
+                &binary("spire-agent")?,
+                &["api", "fetch", "x509", "-socketPath", &socket],
+            )
+            .await
+        })
+        .await
+        .map(drop)
+    }
+
     /// The agent's SPIFFE ID alias (the parent of node entries).
     pub fn agent_id(&self) -> &str {
         &self.agent_id

@@ -8,7 +8,11 @@
 //! stand-in, each timed from the update to every client stream's receipt.
 //! Reported: p50/p99/max, streams left behind, server CPU per update, server
 //! RSS per stream, and time from server start to first secret served.
+//! Then the same clients side by side on the real SPIRE ([`spire`]):
+//! spire-agent's own SDS and trustweave-sds per pod and per node.
 //! `--output BENCHMARKS.md` writes the `sds` section; `--smoke` runs tiny N.
+
+mod spire;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +27,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use trustweave_e2e::bench_filter::{cpu_micros, machine_facts, write_section};
 use trustweave_e2e::bench_sds::{
-    now_nanos, peak_rss_kib, percentiles, rss_kib, run_clients, UPDATE_TIMEOUT,
+    now_nanos, peak_rss_kib, percentiles, rss_kib, run_clients, ENDED, UPDATE_TIMEOUT,
 };
 use trustweave_e2e::delegated_api::DelegatedApiStandIn;
 use trustweave_e2e::envoy::{self, normalize_serial, Envoy};
@@ -46,6 +50,9 @@ struct Args {
     /// Modes to run: `pod`, `node`.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["pod".to_string(), "node".to_string()])]
     modes: Vec<String>,
+    /// Client counts of the side-by-side runs on the real SPIRE.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![100, 1_000])]
+    spire_sizes: Vec<usize>,
     /// Most client processes (workloads) per run.
     #[arg(long, default_value_t = 100)]
     workloads: usize,
@@ -183,9 +190,21 @@ async fn main() -> anyhow::Result<()> {
             rows.push(row);
         }
     }
+    let (spire_sizes, spire_rounds) = if args.smoke {
+        (vec![4], 1)
+    } else {
+        (args.spire_sizes.clone(), 2)
+    };
+    let mut spire_rows = Vec::new();
+    for &n in &spire_sizes {
+        for server in spire::Server::ALL {
+            eprintln!("bench-sds: {server:?} on the real SPIRE with {n} clients");
+            spire_rows.push(spire::run(server, n, args.workloads.min(n), spire_rounds).await?);
+        }
+    }
     eprintln!("bench-sds: one hostile connection");
     let hostile = hostile_connection().await?;
-    let report = report(&rows) + &hostile.to_markdown();
+    let report = report(&rows) + &spire::report(&spire_rows).await + &hostile.to_markdown();
     println!("{report}");
     if hostile.refused != hostile.streams - 1 {
         bail!(
@@ -199,6 +218,13 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .map(|r| r.rotation.missed + r.bundle.missed)
             .sum();
+        // trustweave-sds loses no stream on the real SPIRE either; spire-agent's are reported.
+        let missed = missed
+            + spire_rows
+                .iter()
+                .filter(|r| r.is_trustweave())
+                .map(|r| r.missed() + r.ended())
+                .sum::<usize>();
         if missed > 0 || rows.iter().any(|r| r.envoys_ok != 2) {
             bail!("streams were left behind in the smoke run");
         }
@@ -381,60 +407,20 @@ async fn run(mode: Mode, clients: usize, workloads: usize) -> anyhow::Result<Row
     let baseline_rss = rss_kib(server_pid);
 
     // Clients, one process per workload.
-    let (events_tx, mut events) = mpsc::unbounded_channel::<(String, u128)>();
-    let mut processes: Vec<Child> = Vec::new();
-    for w in 0..workloads {
-        let connections = clients / workloads + usize::from(w < clients % workloads);
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["client", "--socket"])
-            .arg(&socket)
-            .args(["--connections", &connections.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let pid = child.id().context("client pid")?;
-        if let Agent::Node(standin) = &agent {
+    let mut clients_of = ClientProcesses::spawn(&socket, clients, workloads)?;
+    if let Agent::Node(standin) = &agent {
+        for (w, pid) in clients_of.pids.iter().enumerate() {
             let svid = standin.register(
-                pid,
+                *pid,
                 &aws,
                 &format!("spiffe://aws.company.com/ns/bench/sa/w{w}"),
                 &["gcp.company.com"],
             );
-            registered.insert(pid, svid);
-        }
-        let stdout = child.stdout.take().context("client stdout")?;
-        let tx = events_tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut parts = line.splitn(2, ' ');
-                let name = parts.next().unwrap_or_default().to_string();
-                let at = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
-                let _ = tx.send((name, at));
-            }
-        });
-        processes.push(child);
-    }
-    let mut ready = 0;
-    let deadline = Instant::now() + UPDATE_TIMEOUT;
-    while ready < workloads {
-        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
-            Ok(Some((name, _))) if name == "ready" => ready += 1,
-            Ok(Some((name, _))) if name == "error" => {
-                bail!("a client failed; see {}", dir.path().display())
-            }
-            Ok(Some(_)) => {}
-            _ => {
-                let log = std::fs::read_to_string(dir.path().join("sds.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                bail!(
-                    "{ready}/{workloads} client processes ready after {UPDATE_TIMEOUT:?}; server log, last lines first:\n{}",
-                    tail.join("\n")
-                )
-            }
+            registered.insert(*pid, svid);
         }
     }
+    clients_of.wait_ready(&dir.path().join("sds.log")).await?;
+    let mut events = clients_of.take_events();
     let rss_per_stream_kib =
         rss_kib(server_pid).saturating_sub(baseline_rss) as f64 / (clients * 2) as f64;
 
@@ -541,10 +527,7 @@ async fn run(mode: Mode, clients: usize, workloads: usize) -> anyhow::Result<Row
     let rotation = Summary::of(&rotations);
     let bundle = Summary::of(&bundles);
 
-    for mut p in processes {
-        drop(p.stdin.take());
-        let _ = p.kill().await;
-    }
+    clients_of.stop().await;
     drop(server);
     Ok(Row {
         mode,
@@ -587,22 +570,135 @@ async fn timed(
     let cpu_before = cpu_micros(server_pid);
     let at = now_nanos();
     change();
-    let mut latencies = Vec::with_capacity(expected);
-    let deadline = Instant::now() + UPDATE_TIMEOUT;
-    while latencies.len() < expected {
-        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
-            Ok(Some((got, when))) if got == name => {
-                latencies.push(when.saturating_sub(at) as f64 / 1e6);
-            }
-            Ok(Some(_)) => {}
-            _ => break,
-        }
-    }
+    let received = receipts(expected, name, events, UPDATE_TIMEOUT)
+        .await
+        .received;
     let cpu_ms = cpu_micros(server_pid).saturating_sub(cpu_before) as f64 / 1000.0;
+    let mut latencies: Vec<f64> = received
+        .iter()
+        .map(|when| when.saturating_sub(at) as f64 / 1e6)
+        .collect();
     Update {
         missed: expected - latencies.len(),
         latency: percentiles(&mut latencies),
         cpu_ms,
+    }
+}
+
+/// What `expected` live streams of one name did within a time limit.
+struct Receipts {
+    /// When each stream that got the update received it (unix nanos).
+    received: Vec<u128>,
+    /// Streams the server ended instead.
+    ended: usize,
+}
+
+/// Waits until each of `expected` client streams of `name` received an update or ended, within `limit`.
+async fn receipts(
+    expected: usize,
+    name: &str,
+    events: &mut mpsc::UnboundedReceiver<(String, u128)>,
+    limit: Duration,
+) -> Receipts {
+    let mut out = Receipts {
+        received: Vec::with_capacity(expected),
+        ended: 0,
+    };
+    let deadline = Instant::now() + limit;
+    while out.received.len() + out.ended < expected {
+        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+            Ok(Some((got, when))) if got == name => out.received.push(when),
+            Ok(Some((got, _))) if got.strip_prefix(ENDED) == Some(name) => out.ended += 1,
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Envoy-like client processes, each one workload (`bench-sds client`).
+struct ClientProcesses {
+    processes: Vec<Child>,
+    /// Their PIDs, in order.
+    pids: Vec<u32>,
+    events: Option<mpsc::UnboundedReceiver<(String, u128)>>,
+}
+
+impl ClientProcesses {
+    /// Spreads `clients` connections to `socket` over `workloads` processes.
+    fn spawn(socket: &Path, clients: usize, workloads: usize) -> anyhow::Result<Self> {
+        let (events_tx, events) = mpsc::unbounded_channel::<(String, u128)>();
+        let mut processes = Vec::new();
+        let mut pids = Vec::new();
+        for w in 0..workloads {
+            let connections = clients / workloads + usize::from(w < clients % workloads);
+            let mut child = Command::new(std::env::current_exe()?)
+                .args(["client", "--socket"])
+                .arg(socket)
+                .args(["--connections", &connections.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            pids.push(child.id().context("client pid")?);
+            let stdout = child.stdout.take().context("client stdout")?;
+            let tx = events_tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut parts = line.splitn(2, ' ');
+                    let name = parts.next().unwrap_or_default().to_string();
+                    let at = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+                    let _ = tx.send((name, at));
+                }
+            });
+            processes.push(child);
+        }
+        Ok(Self {
+            processes,
+            pids,
+            events: Some(events),
+        })
+    }
+
+    /// Waits until every process's streams got their first response; `log` is quoted otherwise.
+    async fn wait_ready(&mut self, log: &Path) -> anyhow::Result<()> {
+        let workloads = self.processes.len();
+        let events = self.events.as_mut().context("events taken")?;
+        let mut ready = 0;
+        let deadline = Instant::now() + UPDATE_TIMEOUT;
+        while ready < workloads {
+            match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+                Ok(Some((name, _))) if name == "ready" => ready += 1,
+                Ok(Some((name, _))) if name.starts_with(ENDED) => {
+                    bail!("a client stream ended ({name}); see {}", log.display())
+                }
+                Ok(Some(_)) => {}
+                _ => {
+                    let text = std::fs::read_to_string(log).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                    bail!(
+                        "{ready}/{workloads} client processes ready after {UPDATE_TIMEOUT:?}; {}, last lines first:\n{}",
+                        log.display(),
+                        tail.join("\n")
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Their receipts from now on.
+    fn take_events(&mut self) -> mpsc::UnboundedReceiver<(String, u128)> {
+        self.events.take().expect("events taken once")
+    }
+
+    /// Ends every process.
+    async fn stop(self) {
+        for mut p in self.processes {
+            drop(p.stdin.take());
+            let _ = p.kill().await;
+        }
     }
 }
 
