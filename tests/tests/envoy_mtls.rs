@@ -4,7 +4,10 @@
 //!
 //! Topology: a GCP server Envoy (mTLS listener), an AWS client Envoy federated
 //! with GCP, and an Azure client Envoy that GCP does not federate with. Each has
-//! its own SPIRE agent stand-in and its own trustweave-sds, as in a pod.
+//! its own SPIRE agent stand-in and its own trustweave-sds, as in a pod: the
+//! stand-in because the test rotates on cue and times each rotation to Envoy's
+//! `/certs`, which the real agent cannot be made to do (the same paths on real
+//! SPIRE: `mesh.rs`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

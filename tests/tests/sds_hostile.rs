@@ -1,6 +1,9 @@
 //! trustweave-sds against hostile and broken SDS clients, while 100 normal
 //! streams stay open and must receive the next rotation: nothing a client does
 //! takes the server down, delays the others, or holds shutdown.
+//!
+//! Uses the Workload API stand-in: the test rotates the SVID at moments it
+//! chooses, 50 times in a row, which the real SPIRE agent cannot be made to do.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

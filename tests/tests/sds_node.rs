@@ -1,6 +1,8 @@
 //! Node mode with real Envoy 1.40: one trustweave-sds serves every Envoy on
 //! the node from one socket, each its own SVID, attested by its PID through
-//! the SPIRE agent's Delegated Identity API (the stand-in).
+//! the SPIRE agent's Delegated Identity API (the stand-in: one workload's
+//! rotation on cue and an agent outage on cue are what the real agent cannot
+//! be made to do; SPIRE itself: `spire_node.rs`).
 //!
 //! Topology: a server Envoy (aws), a client Envoy in the same trust domain, a
 //! client Envoy in gcp (federated both ways), and a client Envoy whose PID no

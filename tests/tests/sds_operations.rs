@@ -1,5 +1,9 @@
 //! Operating trustweave-sds: readiness, expiry, Workload API reconnects,
 //! peer-credential checks and the Prometheus metrics.
+//!
+//! Uses the Workload API stand-in: expiry without rotation, an agent that
+//! stops and returns on cue, and rotations timed by the test are faults the
+//! real agent cannot be made to produce (SPIRE itself: `spire_node.rs`).
 
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;

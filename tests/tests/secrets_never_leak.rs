@@ -3,6 +3,9 @@
 //! Everything the server logs (at TRACE) through a busy life — streams, NACKs,
 //! rotations, an agent outage, failed fetches — is captured and grepped for
 //! every private key it ever held, in DER hex, base64 and PEM form.
+//!
+//! Uses the Workload API stand-in: the test must know every private key the
+//! agent ever handed out, which only an agent it controls can tell it.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,10 @@
 //! trustweave-sds against a broken or hostile Workload API: the last good
 //! identity is kept, bad material is never served, and logs and metrics say
 //! what is wrong.
+//!
+//! Uses the Workload API stand-in: malformed, mismatched and hostile material,
+//! a flapping agent and one that never answers are what the real SPIRE agent
+//! never sends.
 
 use std::sync::Arc;
 use std::time::Duration;
