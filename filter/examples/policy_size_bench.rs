@@ -57,6 +57,7 @@ fn main() {
                 port: Some(8080),
                 sni: None,
                 node: NodeFacts::default(),
+                unreadable: None,
             };
             // The peer certificate as the shim's cache hands it over after the first request.
             let mut certs = StatedCertificates {

@@ -61,6 +61,7 @@ fn main() {
                 port: None,
                 sni: None,
                 node: node.clone(),
+                unreadable: None,
             },
             &mut EnvoyCertificates {
                 peer: PeerFacts::Digest(Some(DIGEST.to_string())),

@@ -58,9 +58,18 @@ fn log(level: LogLevel, message: &str) {
 }
 
 fn property(path: &[&str]) -> Option<String> {
+    read_property(path).ok().flatten()
+}
+
+/// A property as text: `Ok(None)` when Envoy has none; an error when the host
+/// call fails or the value is not UTF-8 (a request that depends on it is denied).
+fn read_property(path: &[&str]) -> Result<Option<String>, String> {
     match hostcalls::get_property(path.to_vec()) {
-        Ok(Some(bytes)) if !bytes.is_empty() => String::from_utf8(bytes).ok(),
-        _ => None,
+        Ok(Some(bytes)) if !bytes.is_empty() => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| format!("property {} is not UTF-8", path.join("."))),
+        Ok(_) => Ok(None),
+        Err(status) => Err(format!("property {}: {status:?}", path.join("."))),
     }
 }
 
@@ -201,14 +210,27 @@ impl HttpContext for HttpFilter {
             return self.deny(&[]);
         };
         let (config, counters) = (&state.config, &state.counters);
-        let headers =
-            Headers::new(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default());
+        // A host call that fails denies the request: it never reads as an empty request.
+        let mut unreadable = None;
+        let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
+            Ok(headers) => Headers::new(headers),
+            Err(status) => {
+                unreadable = Some(format!("request headers: {status:?}"));
+                Headers::default()
+            }
+        };
         let peer = match config.uri_san_check {
             UriSanCheck::Xfcc => {
-                PeerFacts::Digest(property(&["connection", "sha256_peer_certificate_digest"]))
+                match read_property(&["connection", "sha256_peer_certificate_digest"]) {
+                    Ok(digest) => PeerFacts::Digest(digest),
+                    Err(why) => PeerFacts::Unreadable(why),
+                }
             }
             UriSanCheck::FirstOnly => {
-                PeerFacts::FirstUriSan(property(&["connection", "uri_san_peer_certificate"]))
+                match read_property(&["connection", "uri_san_peer_certificate"]) {
+                    Ok(uri) => PeerFacts::FirstUriSan(uri),
+                    Err(why) => PeerFacts::Unreadable(why),
+                }
             }
         };
         let input = HttpInput {
@@ -224,6 +246,7 @@ impl HttpContext for HttpFilter {
                 .then(|| property(&["connection", "requested_server_name"]))
                 .flatten(),
             node: node_facts(&state),
+            unreadable,
         };
         let Ok(mut cache) = self.certificates.try_borrow_mut() else {
             log(LogLevel::Error, "denied: certificate cache in use");
@@ -253,6 +276,22 @@ impl HttpContext for HttpFilter {
         if outcome.rego_error {
             (&mut &*counters).increment("trustweave.rego_errors");
         }
+        if outcome.unverifiable.is_some() {
+            (&mut &*counters).increment("trustweave.unverifiable_peer");
+        }
+        if outcome.forwarded_refused.is_some() {
+            (&mut &*counters).increment("trustweave.forwarded_refused");
+        }
+        // On every outcome, before it is acted on: the access log and spans read
+        // the request's headers after this filter, so they must be ours.
+        let mut written = true;
+        for name in &outcome.remove {
+            written &= hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None).is_ok();
+        }
+        for (name, value) in &outcome.set {
+            written &=
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)).is_ok();
+        }
         if !outcome.decision.allowed {
             return self.respond(
                 outcome.deny_status,
@@ -260,11 +299,12 @@ impl HttpContext for HttpFilter {
                 &outcome.deny_headers,
             );
         }
-        for name in &outcome.remove {
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
-        }
-        for (name, value) in &outcome.set {
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+        if !written {
+            log(
+                LogLevel::Error,
+                "denied: request headers could not be rewritten",
+            );
+            return self.deny(&[]);
         }
         Action::Continue
     }
@@ -293,7 +333,14 @@ impl StreamContext for NetworkFilter {
             }
             Some(state) => {
                 let (config, counters) = (&state.config, &state.counters);
-                let peer = property(&["connection", "uri_san_peer_certificate"]);
+                let peer = match read_property(&["connection", "uri_san_peer_certificate"]) {
+                    Ok(peer) => peer,
+                    Err(why) => {
+                        log(LogLevel::Error, &format!("denied connection: {why}"));
+                        let _ = hostcalls::close_downstream();
+                        return Action::Pause;
+                    }
+                };
                 let sni = config
                     .reads
                     .sni

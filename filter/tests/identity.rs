@@ -97,7 +97,7 @@ fn ambiguous_or_invalid_certificates_have_no_identity() {
 }
 
 #[test]
-fn a_certificate_that_cannot_be_located_is_no_identity() {
+fn a_certificate_that_cannot_be_located_is_unverifiable() {
     let c = config("{}");
     let (pem, digest) = cert(&[PEER]);
     let (_, other_digest) = cert(&[PEER]);
@@ -105,9 +105,19 @@ fn a_certificate_that_cannot_be_located_is_no_identity() {
     let r = resolve_with(&c, &other_digest, &element(LOCAL, &pem, &digest, &[PEER]));
     assert_eq!(r.caller, None);
     assert!(r
-        .no_identity
-        .expect("reason")
-        .contains("matching the peer's digest"));
+        .unverifiable
+        .expect("unverifiable")
+        .contains("no element of Envoy's for the peer's digest"));
+    // Envoy's element without its Cert (the HCM lacks `cert` details).
+    let r = resolve_with(&c, &digest, &format!("By={LOCAL};Hash={digest};URI={PEER}"));
+    assert!(r.unverifiable.expect("unverifiable").contains("no Cert"));
+    // The right Hash with another certificate's Cert.
+    let (other_pem, _) = cert(&[PEER]);
+    let r = resolve_with(&c, &digest, &element(LOCAL, &other_pem, &digest, &[PEER]));
+    assert!(r
+        .unverifiable
+        .expect("unverifiable")
+        .contains("does not match"));
     let mut cache = CertCache::default();
     let none = resolve(
         &c,
@@ -130,18 +140,53 @@ fn a_trusted_gateway_vouches_for_the_caller_it_forwarded_never_for_itself() {
     let r = resolve_with(&c, &gw_digest, &format!("{forwarded},{own}"));
     assert_eq!(r.caller.as_ref().map(|c| c.as_str()), Some(ORCHESTRATOR));
     assert!(r.via_gateway);
-    // Nothing forwarded: the first element is Envoy's own for the gateway.
+    // Nothing forwarded: only Envoy's own element for the gateway.
     let r = resolve_with(&c, &gw_digest, &own);
     assert_eq!(r.caller, None);
     assert_eq!(
-        r.no_identity.as_deref(),
-        Some("trusted gateway forwarded no caller")
+        r.forwarded_refused.as_deref(),
+        Some("the trusted gateway forwarded no caller")
     );
     // A forwarded certificate that does not match its Hash is refused.
     let (_, wrong) = cert(&[ORCHESTRATOR]);
     let lying = element(GATEWAY, &caller_pem, &wrong, &[ORCHESTRATOR]);
     let r = resolve_with(&c, &gw_digest, &format!("{lying},{own}"));
     assert_eq!(r.caller, None);
+    assert!(r.forwarded_refused.is_some());
+    // A gateway with APPEND_FORWARD: the client's forged element comes first,
+    // the gateway's own after it. Not one element: no forwarded caller.
+    let (forged_pem, forged_digest) = cert(&[ORCHESTRATOR]);
+    let (client_pem, client_digest) = cert(&[PEER]);
+    let forged = element(GATEWAY, &forged_pem, &forged_digest, &[ORCHESTRATOR]);
+    let appended = element(GATEWAY, &client_pem, &client_digest, &[PEER]);
+    let r = resolve_with(&c, &gw_digest, &format!("{forged},{appended},{own}"));
+    assert_eq!(r.caller, None);
+    assert!(r
+        .forwarded_refused
+        .expect("refused")
+        .contains("not one element"));
+    // The element must be By= the gateway itself.
+    let by_other = element(PEER, &caller_pem, &caller_digest, &[ORCHESTRATOR]);
+    let r = resolve_with(&c, &gw_digest, &format!("{by_other},{own}"));
+    assert_eq!(r.caller, None);
+    // Forwarded once (cached), the shape is still checked on the next request.
+    let mut cache = CertCache::default();
+    let mut certs = EnvoyCertificates {
+        peer: PeerFacts::Digest(Some(gw_digest.clone())),
+        cache: &mut cache,
+    };
+    let first = resolve(
+        &c,
+        &mut certs,
+        &Headers::from_text(&[(XFCC, &format!("{forwarded},{own}"))]),
+    );
+    assert_eq!(
+        first.caller.as_ref().map(|c| c.as_str()),
+        Some(ORCHESTRATOR)
+    );
+    let tail = format!("{forwarded};URI=spiffe://x/y,{own}");
+    let second = resolve(&c, &mut certs, &Headers::from_text(&[(XFCC, &tail)]));
+    assert_eq!(second.caller, None);
     // A forwarded certificate with two URI SANs is no identity.
     let (two_pem, two_digest) = cert(&[ORCHESTRATOR, PEER]);
     let two = element(GATEWAY, &two_pem, &two_digest, &[ORCHESTRATOR, PEER]);
@@ -234,4 +279,115 @@ fn rego_dry_run_reports_and_never_enforces() {
         evaluate("ok").dry_run,
         vec![("rego".to_string(), Shadow::WouldAllow)]
     );
+}
+
+fn evaluate(
+    c: &Config,
+    headers: Headers,
+    digest: Option<&str>,
+    unreadable: Option<&str>,
+) -> trustweave_filter::engine::HttpOutcome {
+    let mut cache = CertCache::default();
+    evaluate_http(
+        c,
+        HttpInput {
+            headers,
+            unreadable: unreadable.map(str::to_string),
+            ..HttpInput::default()
+        },
+        &mut EnvoyCertificates {
+            peer: PeerFacts::Digest(digest.map(str::to_string)),
+            cache: &mut cache,
+        },
+    )
+}
+
+#[test]
+fn refusals_come_before_any_policy() {
+    let allow_all = config(r#"{"default_action":"ALLOW"}"#);
+    let (pem, digest) = cert(&[PEER]);
+    let own = element(LOCAL, &pem, &digest, &[PEER]);
+    let base = |extra: &[(&str, &str)]| {
+        let mut h = vec![(":path", "/"), (":method", "GET"), (":authority", "shop")];
+        h.extend_from_slice(extra);
+        Headers::from_text(&h)
+    };
+    let ok = evaluate(&allow_all, base(&[(XFCC, &own)]), Some(&digest), None);
+    assert!(ok.decision.allowed, "{:?}", ok.decision);
+    // A certificate presented and not located.
+    let hidden = evaluate(&allow_all, base(&[(XFCC, "Cert=\"")]), Some(&digest), None);
+    assert!(matches!(
+        hidden.decision.reason,
+        Reason::UnverifiablePeer(_)
+    ));
+    assert!(hidden.unverifiable.is_some());
+    // A host call that failed.
+    let failed = evaluate(
+        &allow_all,
+        base(&[(XFCC, &own)]),
+        Some(&digest),
+        Some("request headers"),
+    );
+    assert!(matches!(failed.decision.reason, Reason::Unreadable(_)));
+    // Two hosts, or one with a comma.
+    let same = evaluate(
+        &allow_all,
+        base(&[("host", "SHOP"), (XFCC, &own)]),
+        Some(&digest),
+        None,
+    );
+    assert!(same.decision.allowed, "the same host twice is one host");
+    for extra in [vec![("host", "x")], vec![(":authority", "b")]] {
+        let mut all = extra.clone();
+        all.push((XFCC, &own));
+        let two = evaluate(&allow_all, base(&all), Some(&digest), None);
+        assert_eq!(two.decision.reason, Reason::AmbiguousHost, "{extra:?}");
+    }
+    let merged = Headers::from_text(&[
+        (":path", "/"),
+        (":authority", "admin.example.com,x"),
+        (XFCC, &own),
+    ]);
+    assert_eq!(
+        evaluate(&allow_all, merged, Some(&digest), None)
+            .decision
+            .reason,
+        Reason::AmbiguousHost
+    );
+    // A denial still removes a claimed caller (the access log reads the request after us).
+    let deny = config(
+        r#"{"policies":[{"name":"none","action":"ALLOW","rules":[{"to":{"paths":["/never"]}}]}]}"#,
+    );
+    let denied = evaluate(
+        &deny,
+        base(&[
+            (XFCC, &own),
+            ("x-trustweave-caller", ORCHESTRATOR),
+            ("x_trustweave_caller", ORCHESTRATOR),
+        ]),
+        Some(&digest),
+        None,
+    );
+    assert!(!denied.decision.allowed);
+    assert!(denied.remove.contains(&"x-trustweave-caller".to_string()));
+    assert!(denied.remove.contains(&"x_trustweave_caller".to_string()));
+    assert!(denied
+        .set
+        .contains(&("x-trustweave-caller".to_string(), PEER.to_string())));
+}
+
+#[test]
+fn a_duplicate_key_names_itself() {
+    let errors = config::parse(
+        br#"{"policies":[{"name":"a","action":"DENY","rules":[{}],"action":"ALLOW"}]}"#,
+    )
+    .expect_err("duplicate");
+    assert!(
+        errors
+            .to_string()
+            .contains("duplicate key `policies[0].action`"),
+        "{errors}"
+    );
+    assert!(config::parse(br#"{"local":{"cloud":"a"},"local":{}}"#).is_err());
+    assert!(config::parse(br#"{"policies":[{"name":"a","action":"DENY","rules":[{}]},{"name":"b","action":"DENY","rules":[{}]}]}"#).is_ok());
 }

@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 use trustweave_filter::engine::annotate::NodeFacts;
 use trustweave_filter::engine::certificate::{
-    forwarded_by_gateway, locate_peer, pem_to_der, percent_decode, CertCache,
+    forwarded_by_gateway, locate_peer, own_element, pem_to_der, percent_decode, CertCache,
 };
 use trustweave_filter::engine::config;
 use trustweave_filter::engine::headers::Headers;
@@ -94,12 +94,19 @@ proptest! {
         let _ = percent_decode(&text);
         let _ = pem_to_der(text.as_bytes());
         let _ = locate_peer(Some(&text), &digest);
-        if let Some(forwarded) = forwarded_by_gateway(Some(&text)) {
+        let _ = own_element(Some(&text), &digest);
+        if let Ok(forwarded) = forwarded_by_gateway(&text, "spiffe://a/b") {
             let _ = forwarded.sans();
+            let _ = forwarded.check_rest(None);
         }
         let quoted = format!("By=spiffe://a/b;Hash={digest};Cert=\"{text}\";URI=x");
-        if let Some(forwarded) = forwarded_by_gateway(Some(&quoted)) {
+        if let Ok(forwarded) = forwarded_by_gateway(&quoted, "spiffe://a/b") {
             prop_assert!(forwarded.sans().is_err());
+        }
+        // Envoy's own element after any client text is always found.
+        let own = format!("{text},By=spiffe://a/me;Hash={digest:0>64};Cert=\"c\"");
+        if !text.contains(&format!("Hash={digest:0>64}")) {
+            prop_assert_eq!(own_element(Some(&own), &format!("{digest:0>64}")).map(|e| e.cert), Ok("\"c\""));
         }
     }
 

@@ -162,3 +162,39 @@ pub async fn refused_configuration(
     .await;
     envoy.log()
 }
+
+/// The connection manager of a filter bootstrap's first listener (to patch its fields).
+pub fn hcm_config(bootstrap: &mut Value) -> &mut Value {
+    &mut bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]
+}
+
+/// The SHA-256 Envoy computes for a leaf certificate (`Hash=` in XFCC).
+pub fn digest(svid: &IssuedSvid) -> String {
+    trustweave_filter::engine::certificate::sha256_hex(&svid.leaf_der)
+}
+
+/// An XFCC element as Envoy writes it for `svid` (`By`, `Hash`, `Cert`, `URI`).
+pub fn xfcc_element(by: &str, svid: &IssuedSvid) -> String {
+    let pem = pem::encode(&pem::Pem::new("CERTIFICATE", svid.leaf_der.clone()));
+    format!(
+        "By={by};Hash={};Cert=\"{}\";URI={}",
+        digest(svid),
+        trustweave_filter::engine::certificate::url_encode_pem(&pem),
+        svid.spiffe_id
+    )
+}
+
+/// A counter the filter defines (Envoy may prefix wasm stats, e.g. `wasmcustom.`).
+pub async fn filter_counter(envoy: &Envoy, name: &str) -> u64 {
+    let stats = envoy.admin_get(&format!("/stats?filter={name}")).await;
+    stats
+        .lines()
+        .find_map(|line| {
+            let (stat, value) = line.rsplit_once(": ")?;
+            (stat == name || stat.ends_with(&format!(".{name}")))
+                .then(|| value.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0)
+}

@@ -6,7 +6,7 @@ use trustweave_e2e::envoy::Envoy;
 use trustweave_e2e::filter;
 use trustweave_e2e::filter_fixture::*;
 use trustweave_e2e::http::HttpResponse;
-use trustweave_e2e::pki::IssuedSvid;
+use trustweave_e2e::pki::{IssuedSvid, TrustDomainCa};
 use trustweave_e2e::sds;
 use trustweave_e2e::tls_client::{self, raw_head};
 use trustweave_e2e::upstream::{self, BannerServer, BANNER};
@@ -434,4 +434,219 @@ async fn paths_are_decided_as_envoy_routes_them() {
         assert_eq!(status(addr, &peer, path, &[]).await, 403, "{path}");
     }
     assert_eq!(status(addr, &peer, "/public", &[]).await, 200);
+}
+
+// The second round of attacks (issue 20, A).
+
+/// A DENY-only policy naming Azure: only a caller that sheds its identity passes.
+const DENY_AZURE: &str = r#"{"policies":[{"name":"no-azure","action":"DENY","rules":[{"from":{"trust_domains":["azure.company.com"]}}]}]}"#;
+
+#[tokio::test]
+async fn a_caller_cannot_shed_its_identity_behind_client_xfcc_text() {
+    let pki = Pki::new();
+    let dir = sds::socket_dir();
+    let (envoy, addr) = sidecar(&dir, &pki, filter::http_filter(DENY_AZURE)).await;
+    let (azure, gcp) = (pki.svid(STRANGER), pki.svid(GCP_PEER));
+    let decoys = "Cert=\"x\",".repeat(40);
+    let claimed = format!("By={WORKER};Hash={};Cert=\"garbage\"", digest(&azure));
+    let other_cert = xfcc_element(WORKER, &gcp).replace(&digest(&gcp), &digest(&azure));
+    for prefix in [
+        "Cert=\"".to_string(),
+        "x=\"".to_string(),
+        decoys.clone(),
+        claimed,
+        other_cert,
+    ] {
+        let xfcc = [("x-forwarded-client-cert", prefix.as_bytes())];
+        assert_eq!(
+            status(addr, &azure, "/", &xfcc).await,
+            403,
+            "Azure behind {prefix:.40}"
+        );
+        assert_eq!(
+            status(addr, &gcp, "/", &xfcc).await,
+            200,
+            "GCP behind {prefix:.40}"
+        );
+    }
+    let h2 = tls_client::request_h2(
+        addr,
+        &azure,
+        "/",
+        &[("x-forwarded-client-cert", decoys.as_bytes())],
+    )
+    .await
+    .expect("HTTP/2");
+    assert_eq!(h2, 403, "over HTTP/2");
+    assert_no_trap(&envoy);
+
+    // A connection manager without `cert` details: a certificate cannot be
+    // verified, so every caller that presents one is denied (and counted).
+    let mut bootstrap = worker_bootstrap(&pki, filter::http_filter(DENY_AZURE)).await;
+    hcm_config(&mut bootstrap)["set_current_client_cert_details"] =
+        serde_json::json!({ "uri": true });
+    let (no_cert, addr) = start(&dir, "no-cert-details", &bootstrap).await;
+    assert_eq!(status(addr, &gcp, "/", &[]).await, 403);
+    assert_eq!(status(addr, &azure, "/", &[]).await, 403);
+    assert_eq!(
+        filter_counter(&no_cert, "trustweave.unverifiable_peer").await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_forwarded_caller_counts_only_from_a_sanitizing_gateway() {
+    let pki = Pki::new();
+    let dir = sds::socket_dir();
+    let (sidecar_envoy, sidecar_addr) = sidecar(&dir, &pki, shipped_sidecar_filter()).await;
+    let pass_all = r#"{"placement":"gateway","default_action":"ALLOW"}"#;
+    let mut gateway_filter = filter::istio_filter(filter::GATEWAY_HTTP);
+    gateway_filter["typed_config"]["config"]["configuration"]["value"] = pass_all.into();
+    let mut gateway = filter::terminating_gateway(
+        &pki.svid(GATEWAY),
+        &pki.all(),
+        gateway_filter.clone(),
+        sidecar_addr,
+    );
+    // Misconfigured: the gateway appends to what the client sent.
+    hcm_config(&mut gateway)["forward_client_cert_details"] = "APPEND_FORWARD".into();
+    let (_gateway, gateway_addr) = start(&dir, "append-gateway", &gateway).await;
+    // A self-made CA's "orchestrator", written as the gateway would write it.
+    let forged = TrustDomainCa::new("aws.company.com").issue_svid(ORCHESTRATOR, TTL);
+    let element = xfcc_element(GATEWAY, &forged);
+    let response = raw(
+        gateway_addr,
+        &pki.svid(STRANGER),
+        "/jobs",
+        "inventory.gcp.internal",
+        &[("x-forwarded-client-cert", element.as_bytes())],
+    )
+    .await;
+    assert_eq!(response.status, 403, "{response:?}");
+    assert!(filter_counter(&sidecar_envoy, "trustweave.forwarded_refused").await >= 1);
+
+    // Through a SANITIZE_SET gateway the real orchestrator is forwarded.
+    let gateway =
+        filter::terminating_gateway(&pki.svid(GATEWAY), &pki.all(), gateway_filter, sidecar_addr);
+    let (_gateway, gateway_addr) = start(&dir, "gateway", &gateway).await;
+    let seen = received(&call(gateway_addr, &pki.svid(ORCHESTRATOR), "/jobs", &[]).await);
+    assert_eq!(one(&seen, "x-trustweave-caller"), Some(ORCHESTRATOR));
+}
+
+#[tokio::test]
+async fn underscore_spellings_of_owned_headers_never_reach_the_app() {
+    let pki = Pki::new();
+    let dir = sds::socket_dir();
+    let spoofed: &[(&str, &[u8])] = &[
+        ("x_trustweave_caller", ORCHESTRATOR.as_bytes()),
+        (
+            "x_forwarded_client_cert",
+            b"By=x;URI=spiffe://aws.company.com/ns/ops/sa/orchestrator",
+        ),
+    ];
+    // The shipped connection manager drops them; without it, the filter does.
+    let shipped = worker_bootstrap(&pki, shipped_sidecar_filter()).await;
+    let mut bare = worker_bootstrap(&pki, shipped_sidecar_filter()).await;
+    hcm_config(&mut bare)
+        .as_object_mut()
+        .expect("hcm")
+        .remove("common_http_protocol_options");
+    for (name, bootstrap) in [("shipped-hcm", shipped), ("bare-hcm", bare)] {
+        let (_envoy, addr) = start(&dir, name, &bootstrap).await;
+        let response = raw(
+            addr,
+            &pki.svid(GCP_PEER),
+            "/invoices",
+            "inventory.gcp.internal",
+            spoofed,
+        )
+        .await;
+        let seen = received(&response);
+        for header in ["x_trustweave_caller", "x_forwarded_client_cert"] {
+            assert_eq!(one(&seen, header), None, "{name}: {seen:?}");
+        }
+        assert_eq!(one(&seen, "x-trustweave-caller"), Some(GCP_PEER), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn more_than_one_host_is_denied() {
+    let pki = Pki::new();
+    let dir = sds::socket_dir();
+    let config = r#"{"default_action":"ALLOW","policies":[
+        {"name":"no-admin","action":"DENY","rules":[{"to":{"hosts":["admin.example.com"]}}]}]}"#;
+    let (_envoy, addr) = sidecar(&dir, &pki, filter::http_filter(config)).await;
+    let peer = pki.svid(GCP_PEER);
+    let one_host = raw(addr, &peer, "/", "shop.example.com", &[]).await;
+    assert_eq!(one_host.status, 200);
+    let two = raw(addr, &peer, "/", "admin.example.com", &[("host", b"x")]).await;
+    assert_eq!(two.status, 403, "{two:?}");
+    let two = raw(addr, &peer, "/", "x", &[("host", b"admin.example.com")]).await;
+    assert_eq!(two.status, 403, "{two:?}");
+}
+
+#[tokio::test]
+async fn owned_baggage_members_go_in_every_configuration() {
+    let pki = Pki::new();
+    let dir = sds::socket_dir();
+    let config = r#"{"baggage":false,"default_action":"ALLOW"}"#;
+    let (_envoy, addr) = sidecar(&dir, &pki, filter::http_filter(config)).await;
+    let sent: &[u8] =
+        b"userId=alice,cloud.provider=aws,cloud.region=us-east-1,trustweave.hops=aws:us-east-1";
+    let response = raw(
+        addr,
+        &pki.svid(GCP_PEER),
+        "/",
+        "inventory.gcp.internal",
+        &[("baggage", sent)],
+    )
+    .await;
+    let seen = received(&response);
+    assert_eq!(one(&seen, "baggage"), Some("userId=alice"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_denied_request_is_logged_with_its_real_caller() {
+    let pki = Pki::new();
+    let dir = sds::socket_dir();
+    let log = dir.path().join("access.log");
+    let mut bootstrap = worker_bootstrap(&pki, shipped_sidecar_filter()).await;
+    hcm_config(&mut bootstrap)["access_log"] = serde_json::json!([{
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": log,
+            "log_format": { "text_format_source": { "inline_string": "caller=%REQ(X-TRUSTWEAVE-CALLER)% status=%RESPONSE_CODE%\n" } }
+        }
+    }]);
+    let (_envoy, addr) = start(&dir, "logged", &bootstrap).await;
+    let claimed = [("x-trustweave-caller", ORCHESTRATOR.as_bytes())];
+    assert_eq!(
+        status(addr, &pki.svid(STRANGER), "/jobs", &claimed).await,
+        403
+    );
+    trustweave_e2e::wait::wait_until(
+        "the access log line",
+        std::time::Duration::from_secs(10),
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            async move { text.contains("status=403") }
+        },
+    )
+    .await;
+    let text = std::fs::read_to_string(&log).expect("access log");
+    assert!(
+        text.contains(&format!("caller={STRANGER} status=403")),
+        "{text}"
+    );
+    assert!(!text.contains(ORCHESTRATOR), "{text}");
+}
+
+#[tokio::test]
+async fn a_duplicate_key_is_a_configuration_error() {
+    let pki = Pki::new();
+    let dir = sds::socket_dir();
+    let config = r#"{"policies":[{"name":"a","action":"DENY","rules":[{}],"action":"ALLOW"}]}"#;
+    let log = refused_configuration(&dir, &pki, "duplicate", filter::http_filter(config)).await;
+    assert!(log.contains("duplicate key `policies[0].action`"), "{log}");
 }

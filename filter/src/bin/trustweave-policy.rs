@@ -179,6 +179,7 @@ mod cli {
                 port: args.port,
                 sni: args.sni.clone(),
                 node,
+                unreadable: None,
             },
             &mut certs,
         );

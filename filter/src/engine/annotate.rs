@@ -277,13 +277,11 @@ impl Annotator {
         ]
     }
 
-    /// The new `baggage`: the client's members without the ones the filter
-    /// owns, then this hop's, within W3C's limits (other members are dropped
-    /// from the end when needed; this hop's are always kept).
+    /// The new `baggage`: the client's members as they came, without the ones
+    /// the filter owns (in every configuration), then this hop's members while
+    /// W3C's limits allow (64 members, 8192 bytes): the filter never drops a
+    /// member it does not own; its own give way (as the W3C text allows).
     pub fn baggage(&self, existing: Option<&str>, local: &Local) -> BaggageChange {
-        if !self.baggage {
-            return BaggageChange::Keep;
-        }
         let members = || {
             existing
                 .into_iter()
@@ -291,42 +289,45 @@ impl Annotator {
                 .map(str::trim)
                 .filter(|m| !m.is_empty())
         };
-        let mut owned = String::new();
-        // The first two owned keys; the hops follow.
-        for (key, value) in OWNED_BAGGAGE_KEYS
-            .into_iter()
-            .zip([&local.cloud, &local.region])
-        {
-            if let Some(value) = value {
-                push_member(&mut owned, key, |out| percent_encode_into(value, b"", out));
+        let is_owned = |m: &str| OWNED_BAGGAGE_KEYS.contains(&baggage_key(m));
+        let mut owned: Vec<String> = Vec::new();
+        if self.baggage {
+            for (key, value) in OWNED_BAGGAGE_KEYS
+                .into_iter()
+                .zip([&local.cloud, &local.region])
+            {
+                if let Some(value) = value {
+                    let mut member = String::new();
+                    push_member(&mut member, key, |out| percent_encode_into(value, b"", out));
+                    owned.push(member);
+                }
+            }
+            let previous_hops = members()
+                .find(|m| baggage_key(m) == HOPS_BAGGAGE_KEY)
+                .and_then(|m| m.split_once('='))
+                .map(|(_, value)| value.split(';').next().unwrap_or("").trim());
+            if let Some(hops) = hops(previous_hops, local) {
+                let mut member = String::new();
+                push_member(&mut member, HOPS_BAGGAGE_KEY, |out| out.push_str(&hops));
+                owned.push(member);
             }
         }
-        let previous_hops = members()
-            .find(|m| baggage_key(m) == HOPS_BAGGAGE_KEY)
-            .and_then(|m| m.split_once('='))
-            .map(|(_, value)| value.split(';').next().unwrap_or("").trim());
-        if let Some(hops) = hops(previous_hops, local) {
-            push_member(&mut owned, HOPS_BAGGAGE_KEY, |out| out.push_str(&hops));
-        }
-        let owned_count = owned.split(',').filter(|m| !m.is_empty()).count();
-        let is_owned = |m: &str| OWNED_BAGGAGE_KEYS.contains(&baggage_key(m));
         if owned.is_empty() && !members().any(is_owned) {
             return BaggageChange::Keep;
         }
-        let mut value = String::with_capacity(existing.map_or(0, str::len) + owned.len() + 1);
-        let (mut count, mut bytes) = (owned_count, owned.len());
-        for member in members().filter(|m| !is_owned(m)) {
-            if count + 1 > BAGGAGE_MAX_MEMBERS || bytes + member.len() + 1 > BAGGAGE_MAX_BYTES {
+        let others: Vec<&str> = members().filter(|m| !is_owned(m)).collect();
+        let mut value = others.join(",");
+        let mut room_members = BAGGAGE_MAX_MEMBERS.saturating_sub(others.len());
+        for member in owned {
+            let added = member.len() + usize::from(!value.is_empty());
+            if room_members == 0 || value.len() + added > BAGGAGE_MAX_BYTES {
                 break;
             }
-            count += 1;
-            bytes += member.len() + 1;
-            value.push_str(member);
-            value.push(',');
-        }
-        value.push_str(&owned);
-        if value.ends_with(',') {
-            value.pop();
+            if !value.is_empty() {
+                value.push(',');
+            }
+            value.push_str(&member);
+            room_members -= 1;
         }
         if value.is_empty() {
             BaggageChange::Remove
@@ -468,22 +469,35 @@ mod tests {
             a.baggage(Some("k=v"), &Local::default()),
             BaggageChange::Keep
         );
-        let full: Vec<String> = (0..70).map(|i| format!("k{i}=v")).collect();
+        // W3C limits: the client's members are never dropped; this hop's give way.
+        let full: Vec<String> = (0..62).map(|i| format!("k{i}=v")).collect();
         let BaggageChange::Set(value) = a.baggage(Some(&full.join(",")), &local) else {
             panic!("set")
         };
         assert_eq!(value.split(',').count(), BAGGAGE_MAX_MEMBERS);
-        assert!(value.ends_with(
-            "cloud.provider=gcp,cloud.region=us-central1,trustweave.hops=gcp:us-central1"
-        ));
-        let big = format!("k={}", "v".repeat(8180));
-        let BaggageChange::Set(value) = a.baggage(Some(&big), &local) else {
-            panic!("set")
-        };
-        assert!(value.len() <= BAGGAGE_MAX_BYTES, "{}", value.len());
+        assert!(value.starts_with(&full.join(",")));
+        assert!(value.ends_with("cloud.provider=gcp,cloud.region=us-central1"));
+        let over: Vec<String> = (0..70).map(|i| format!("k{i}=v")).collect();
         assert_eq!(
-            value,
-            "cloud.provider=gcp,cloud.region=us-central1,trustweave.hops=gcp:us-central1"
+            a.baggage(Some(&over.join(",")), &local),
+            set(&over.join(",")),
+            "over the limit already: nothing added, nothing dropped"
+        );
+        let big = format!("k={}", "v".repeat(8180));
+        assert_eq!(a.baggage(Some(&big), &local), set(&big));
+        // Owned in every configuration: with baggage off, the client's owned members still go.
+        let mut off = annotator(None);
+        off.baggage = false;
+        assert_eq!(
+            off.baggage(
+                Some("userId=alice,cloud.region=x,trustweave.hops=a:b"),
+                &local
+            ),
+            set("userId=alice")
+        );
+        assert_eq!(
+            off.baggage(Some("userId=alice"), &local),
+            BaggageChange::Keep
         );
         let spaced = Local {
             region: Some("eu west,1".into()),

@@ -2,19 +2,25 @@
 //!
 //! Envoy's wasm property `connection.uri_san_peer_certificate` yields only the
 //! first URI SAN, and Envoy writes SAN values into `x-forwarded-client-cert`
-//! unescaped, after whatever the client sent. So the URI SANs are counted from
-//! the DER certificate:
+//! unescaped, after whatever the client sent (`APPEND_FORWARD`). So the URI
+//! SANs are counted from the DER certificate, found in Envoy's own element:
 //!
-//! - **Direct peer:** Envoy appends `Cert="<url-encoded PEM>"` for it
-//!   (`set_current_client_cert_details.cert`). Every `Cert=` value in the header
-//!   is a candidate; the one whose SHA-256 equals
-//!   `connection.sha256_peer_certificate_digest` (a property Envoy computes from
-//!   the handshake) *is* the peer's certificate, wherever it sits in the text.
-//!   A client can copy its own certificate there, which changes nothing.
-//! - **Caller forwarded by a trusted gateway:** the gateway (`SANITIZE_SET`)
-//!   writes the header's first element itself; its leading `By=` / `Hash=` /
-//!   `Cert=` pairs come before any SAN text, so they are read from the start of
-//!   the header and nowhere else.
+//! - **Direct peer:** Envoy appends `By=<own URI SAN>;Hash=<digest>;Cert="<url-encoded
+//!   PEM>"` for it (`Hash` always; `Cert` with `set_current_client_cert_details.cert`).
+//!   Its element is found **from the end**, by the exact text `Hash=<digest>`, where
+//!   `digest` is `connection.sha256_peer_certificate_digest` (a property Envoy computes
+//!   from the handshake): client text comes before Envoy's element, and a certificate
+//!   cannot name its own digest in its SANs. The `Cert=` right after it is decoded
+//!   once and must hash to the digest. A peer that presented a certificate the filter
+//!   cannot locate this way is **unverifiable** — the request is denied — never
+//!   "no identity". The work per request is one linear search and at most one decode.
+//! - **Caller forwarded by a trusted gateway:** everything before Envoy's own element
+//!   is what the gateway sent. It is a forwarded caller only when it is exactly one
+//!   element, exactly as a `SANITIZE_SET` gateway with `cert` (and `uri`) details
+//!   writes it: `By=<the gateway's own SPIFFE ID>;Hash=<h>;Cert="<c>"` and then nothing,
+//!   or `;URI=<san>` for each URI SAN of that certificate, in order — compared with
+//!   the text the certificate implies, so no client text can pass for it (a gateway
+//!   misconfigured with `APPEND_FORWARD` puts the client's text first, which fails).
 //!
 //! Parsed results are cached per worker by digest ([`CertCache`]): a connection's
 //! requests after its first cost a hash-map lookup.
@@ -33,8 +39,6 @@ pub type CertSans = Result<Vec<String>, String>;
 
 /// Longest `x-forwarded-client-cert` searched, in bytes (Envoy's default header limit is 60 KiB).
 pub const MAX_XFCC_BYTES: usize = 64 * 1024;
-/// Most `Cert=` candidates tried in one header.
-pub const MAX_CANDIDATES: usize = 16;
 /// Most certificates remembered per worker; the cache is emptied when full.
 pub const CACHE_CAPACITY: usize = 4096;
 
@@ -104,131 +108,211 @@ fn cert_value_to_der(value: &str) -> Option<Vec<u8>> {
     pem_to_der(&percent_decode(inner)?)
 }
 
-/// Every `Cert=` value in the header text, wherever it is, at most [`MAX_CANDIDATES`].
-fn cert_candidates(xfcc: &str) -> impl Iterator<Item = &str> {
-    let mut rest = xfcc;
-    std::iter::from_fn(move || {
-        let at = find_ignore_case(rest, "cert=")?;
-        let value = &rest[at + 5..];
-        let end = if let Some(quoted) = value.strip_prefix('"') {
-            quoted.find('"').map_or(value.len(), |i| i + 2)
-        } else {
-            value.find([';', ',']).unwrap_or(value.len())
-        };
-        rest = &value[end..];
-        Some(&value[..end])
-    })
-    .take(MAX_CANDIDATES)
-}
-
-fn find_ignore_case(haystack: &str, needle: &str) -> Option<usize> {
-    haystack
-        .as_bytes()
-        .windows(needle.len())
-        .position(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
-}
-
-/// The direct peer's certificate: the `Cert=` value whose SHA-256 is `digest`.
-pub fn locate_peer(xfcc: Option<&str>, digest: &str) -> CertSans {
-    const HINT: &str = "set set_current_client_cert_details.cert on the connection manager";
-    let Some(xfcc) = xfcc.filter(|x| x.len() <= MAX_XFCC_BYTES) else {
-        return Err(format!(
-            "x-forwarded-client-cert carries no certificate for the peer ({HINT})"
-        ));
-    };
-    for candidate in cert_candidates(xfcc) {
-        if let Some(der) = cert_value_to_der(candidate) {
-            if sha256_hex(&der).eq_ignore_ascii_case(digest) {
-                return sans_from_der(&der);
-            }
-        }
-    }
-    Err(format!(
-        "x-forwarded-client-cert carries no certificate matching the peer's digest ({HINT})"
-    ))
-}
-
-/// The certificate a trusted gateway forwarded, as written in the header's first element.
+/// Envoy's own element for the direct peer, located from the end of the header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Forwarded<'a> {
-    /// The element's `Hash=` (the certificate's SHA-256), if written.
-    pub hash: Option<&'a str>,
+pub struct OwnElement<'a> {
+    /// Everything before the element (and its separating comma): what the
+    /// previous hop sent, or what the client wrote.
+    pub before: &'a str,
     /// The element's `Cert=` value (quoted, url-encoded PEM).
     pub cert: &'a str,
 }
 
+/// Locates Envoy's element for the peer with certificate `digest`: the last
+/// `Hash=<digest>` in the header, its `Cert=` right after it, its `By=` right
+/// before it; an error saying what is missing otherwise.
+pub fn own_element<'a>(xfcc: Option<&'a str>, digest: &str) -> Result<OwnElement<'a>, String> {
+    const HINT: &str = "set set_current_client_cert_details.cert on the connection manager";
+    let Some(xfcc) = xfcc else {
+        return Err(format!(
+            "x-forwarded-client-cert is missing for a peer that presented a certificate ({HINT})"
+        ));
+    };
+    if xfcc.len() > MAX_XFCC_BYTES {
+        return Err("x-forwarded-client-cert is longer than 64 KiB".into());
+    }
+    if digest.len() != 64
+        || !digest
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err("the peer certificate digest is not lower-case SHA-256 hex".into());
+    }
+    let hash = format!("Hash={digest}");
+    let Some(at) = xfcc.rfind(&hash) else {
+        return Err(format!(
+            "x-forwarded-client-cert has no element of Envoy's for the peer's digest ({HINT})"
+        ));
+    };
+    let after = &xfcc[at + hash.len()..];
+    let cert = after
+        .strip_prefix(";Cert=\"")
+        .and_then(|rest| rest.find('"').map(|close| &after[6..close + 8]))
+        .ok_or_else(|| format!("Envoy's element for the peer has no Cert ({HINT})"))?;
+    // The element starts at `By=<own URI SAN>;` (absent when this Envoy has no URI SAN).
+    let head = &xfcc[..at];
+    let start = match head.strip_suffix(';') {
+        None if head.is_empty() || head.ends_with(',') => at,
+        None => return Err("Envoy's element for the peer is not where Envoy writes it".into()),
+        Some(by_part) => {
+            let by = by_part
+                .rfind("By=")
+                .filter(|&b| !by_part[b + 3..].contains([',', ';', '"']))
+                .ok_or("Envoy's element for the peer is not where Envoy writes it")?;
+            if by > 0 && !by_part[..by].ends_with(',') {
+                return Err("Envoy's element for the peer is not where Envoy writes it".into());
+            }
+            by
+        }
+    };
+    let before = xfcc[..start].strip_suffix(',').unwrap_or(&xfcc[..start]);
+    Ok(OwnElement { before, cert })
+}
+
+/// The direct peer's certificate, from Envoy's own element: its URI SANs, or
+/// why it cannot be verified (the request is then denied).
+pub fn locate_peer(xfcc: Option<&str>, digest: &str) -> CertSans {
+    let element = own_element(xfcc, digest)?;
+    let der = cert_value_to_der(element.cert)
+        .ok_or("Envoy's Cert for the peer does not decode as a PEM certificate")?;
+    if sha256_hex(&der) != digest {
+        return Err("Envoy's Cert for the peer does not match the peer's digest".into());
+    }
+    sans_from_der(&der)
+}
+
+/// The certificate a trusted gateway forwarded, as its element says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forwarded<'a> {
+    /// The element's `Hash=` (the certificate's SHA-256, lower-case hex).
+    pub hash: &'a str,
+    /// The element's `Cert=` value (quoted, url-encoded PEM).
+    pub cert: &'a str,
+    /// What follows the `Cert=` value in the element (`;URI=…` pairs, or nothing).
+    pub rest: &'a str,
+}
+
 impl Forwarded<'_> {
-    /// The forwarded certificate's URI SANs (checked against its `Hash=`).
+    /// The forwarded certificate's URI SANs, checked against its `Hash=`.
     pub fn sans(&self) -> CertSans {
         let der = cert_value_to_der(self.cert)
-            .ok_or_else(|| "the gateway's forwarded certificate does not decode".to_string())?;
-        match self.hash {
-            Some(h) if !sha256_hex(&der).eq_ignore_ascii_case(h) => {
-                Err("the gateway's forwarded certificate does not match its Hash".into())
-            }
-            _ => sans_from_der(&der),
+            .ok_or("the gateway's forwarded certificate does not decode")?;
+        if sha256_hex(&der) != self.hash {
+            return Err("the gateway's forwarded certificate does not match its Hash".into());
+        }
+        sans_from_der(&der)
+    }
+
+    /// Checks that the element ends right after `Cert=`, or with exactly the
+    /// `URI=` pairs its certificate implies (`uri_pairs`, see [`uri_pairs`]).
+    pub fn check_rest(&self, uri_pairs: Option<&str>) -> Result<(), String> {
+        if self.rest.is_empty() || Some(self.rest) == uri_pairs {
+            Ok(())
+        } else {
+            Err("the gateway's element holds more than its certificate's URI SANs: not one element a SANITIZE_SET gateway wrote".into())
         }
     }
 }
 
-/// The caller a trusted gateway forwarded: the `Cert=` of the header's first
-/// element, read only among the element's leading `By=` / `Hash=` pairs, which
-/// precede every SAN value Envoy writes. `None` when the gateway forwarded no
-/// certificate there.
-pub fn forwarded_by_gateway(xfcc: Option<&str>) -> Option<Forwarded<'_>> {
-    let mut rest = xfcc.filter(|x| x.len() <= MAX_XFCC_BYTES)?;
-    let mut hash = None;
-    loop {
-        let (key, after) = rest.split_once('=')?;
-        if let Some(quoted) = after.strip_prefix('"') {
-            let close = quoted.find('"')? + 2;
-            return key.eq_ignore_ascii_case("cert").then_some(Forwarded {
-                hash,
-                cert: &after[..close],
-            });
-        }
-        let end = after.find([';', ',']).unwrap_or(after.len());
-        if key.eq_ignore_ascii_case("hash") {
-            hash = Some(&after[..end]);
-        } else if !key.eq_ignore_ascii_case("by") {
-            // Envoy writes Cert right after By and Hash: anything else first means no certificate.
-            return None;
-        }
-        match after.as_bytes().get(end) {
-            Some(b';') => rest = &after[end + 1..],
-            _ => return None,
-        }
+/// The `;URI=` pairs Envoy writes for a certificate with these URI SANs (`;URI=` for none).
+pub fn uri_pairs(sans: &[String]) -> String {
+    if sans.is_empty() {
+        ";URI=".into()
+    } else {
+        sans.iter().map(|s| format!(";URI={s}")).collect()
     }
+}
+
+/// What locating a certificate gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Located {
+    /// Found and parsed: what it proves.
+    Found(Identity),
+    /// Not found, or not parsable: why.
+    NotFound(String),
+}
+
+/// The caller a trusted gateway forwarded: `before` (what precedes Envoy's
+/// own element) must be one element beginning `By=<gateway_id>;Hash=<h>;Cert="<c>"`;
+/// an error saying why it is not a forwarded caller otherwise. Its end is checked
+/// by [`Forwarded::sans`].
+pub fn forwarded_by_gateway<'a>(
+    before: &'a str,
+    gateway_id: &str,
+) -> Result<Forwarded<'a>, String> {
+    if before.is_empty() {
+        return Err("the trusted gateway forwarded no caller".into());
+    }
+    let not_one = || {
+        "the gateway's x-forwarded-client-cert is not one element By=<the gateway>;Hash=;Cert= (is the gateway SANITIZE_SET?)".to_string()
+    };
+    let rest = before
+        .strip_prefix("By=")
+        .and_then(|r| r.strip_prefix(gateway_id))
+        .and_then(|r| r.strip_prefix(";Hash="))
+        .ok_or_else(not_one)?;
+    let hash = rest.get(..64).ok_or_else(not_one)?;
+    if !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(not_one());
+    }
+    let rest = rest[64..].strip_prefix(";Cert=\"").ok_or_else(not_one)?;
+    let close = rest.find('"').ok_or_else(not_one)?;
+    let cert_start = before.len() - rest.len() - 1;
+    Ok(Forwarded {
+        hash,
+        cert: &before[cert_start..cert_start + close + 2],
+        rest: &rest[close + 1..],
+    })
+}
+
+/// One certificate the cache knows.
+#[derive(Debug)]
+struct Known {
+    identity: Identity,
+    uri_pairs: String,
 }
 
 /// What each certificate proves, by digest, per worker (a connection's later
 /// requests skip the parse): its workload identity, or why it has none.
 #[derive(Debug, Default)]
 pub struct CertCache {
-    entries: HashMap<String, Identity>,
+    entries: HashMap<String, Known>,
     /// How many certificates were parsed (cache misses), for metrics.
     pub parsed: u64,
 }
 
 impl CertCache {
     /// What the certificate with `digest` proves: cached, or read by `locate`
-    /// (remembered when the certificate was found: a certificate that could not
-    /// be located may be found on the next request).
-    pub fn get_or_insert(&mut self, digest: &str, locate: impl FnOnce() -> CertSans) -> Identity {
+    /// (remembered when the certificate was found; a certificate not found
+    /// costs one `locate` per request, which is one search and one decode).
+    pub fn get_or_insert(&mut self, digest: &str, locate: impl FnOnce() -> CertSans) -> Located {
         if let Some(hit) = self.entries.get(digest) {
-            return hit.clone();
+            return Located::Found(hit.identity.clone());
         }
-        let sans = locate();
         self.parsed += 1;
-        let found = sans.is_ok();
-        let identity = workload_identity(&sans);
-        if found && !digest.is_empty() {
+        let sans = match locate() {
+            Ok(sans) => sans,
+            Err(why) => return Located::NotFound(why),
+        };
+        let identity = workload_identity(&Ok(sans.clone()));
+        if !digest.is_empty() {
             if self.entries.len() >= CACHE_CAPACITY {
                 self.entries.clear();
             }
-            self.entries.insert(digest.to_string(), identity.clone());
+            self.entries.insert(
+                digest.to_string(),
+                Known {
+                    identity: identity.clone(),
+                    uri_pairs: uri_pairs(&sans),
+                },
+            );
         }
-        identity
+        Located::Found(identity)
+    }
+
+    /// The `;URI=` pairs of a known certificate.
+    pub fn uri_pairs(&self, digest: &str) -> Option<&str> {
+        self.entries.get(digest).map(|k| k.uri_pairs.as_str())
     }
 
     /// Entries held.
@@ -267,28 +351,46 @@ mod tests {
         assert_eq!(percent_decode("%FF").as_deref(), Some(&[0xFF][..]));
     }
 
+    const DIGEST: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
     #[test]
-    fn candidates_are_found_anywhere_and_bounded() {
-        let text = r#"URI=x;x=",Cert="a%20b";URI=y,By=z;Cert=plain,cert="q""#;
-        let found: Vec<&str> = cert_candidates(text).collect();
-        assert_eq!(found, vec![r#""a%20b""#, "plain", r#""q""#]);
-        let many = "Cert=\"x\";".repeat(100);
-        assert_eq!(cert_candidates(&many).count(), MAX_CANDIDATES);
+    fn own_element_is_found_from_the_end_by_its_hash() {
+        let own = format!("By=spiffe://a/me;Hash={DIGEST};Cert=\"x\";URI=spiffe://b/c");
+        let element = own_element(Some(&own), DIGEST).expect("found");
+        assert_eq!((element.before, element.cert), ("", "\"x\""));
+        // Client text first: decoys, a copy of the hash, an unbalanced quote.
+        let hostile = format!("Cert=\"decoy\",Hash={DIGEST};Cert=\"copy\",URI=\"open,{own}");
+        let element = own_element(Some(&hostile), DIGEST).expect("found");
+        assert_eq!(element.cert, "\"x\"");
         assert_eq!(
-            cert_candidates(r#"Cert=""#).collect::<Vec<_>>(),
-            vec![r#"""#]
+            element.before,
+            format!("Cert=\"decoy\",Hash={DIGEST};Cert=\"copy\",URI=\"open")
+        );
+        let without_cert = format!("By=spiffe://a/me;Hash={DIGEST};URI=u");
+        let no_cert = own_element(Some(&without_cert), DIGEST);
+        assert!(matches!(no_cert, Err(e) if e.contains("no Cert")));
+        assert!(own_element(Some("Hash=ab;Cert=\"x\""), DIGEST).is_err());
+        assert!(own_element(None, DIGEST).is_err());
+        assert!(own_element(Some(&own), &DIGEST.to_uppercase()).is_err());
+        assert!(
+            own_element(Some(&format!("x{own}")), DIGEST).is_err(),
+            "glued to client text"
         );
     }
 
     #[test]
-    fn forwarded_reads_only_the_leading_pairs() {
-        assert!(forwarded_by_gateway(None).is_none());
-        assert!(forwarded_by_gateway(Some("URI=spiffe://a/b;Cert=\"x\"")).is_none());
-        assert!(forwarded_by_gateway(Some("By=spiffe://a/g;Hash=ab,Cert=\"x\"")).is_none());
-        let forwarded =
-            forwarded_by_gateway(Some("By=spiffe://a/g;Hash=ab;Cert=\"%zz\";URI=u")).expect("cert");
-        assert_eq!(forwarded.hash, Some("ab"));
-        assert!(forwarded.sans().is_err());
+    fn forwarded_is_exactly_one_gateway_element() {
+        let gw = "spiffe://a/gw";
+        let one = format!("By={gw};Hash={DIGEST};Cert=\"%zz\";URI=spiffe://a/b");
+        let forwarded = forwarded_by_gateway(&one, gw).expect("shape");
+        assert_eq!(forwarded.hash, DIGEST);
+        assert_eq!(forwarded.cert, "\"%zz\"");
+        assert_eq!(forwarded.rest, ";URI=spiffe://a/b");
+        assert!(forwarded.sans().is_err(), "does not decode");
+        assert!(forwarded_by_gateway("", gw).is_err());
+        assert!(forwarded_by_gateway(&format!("x,{one}"), gw).is_err());
+        assert!(forwarded_by_gateway(&one.replace(gw, "spiffe://a/other"), gw).is_err());
+        assert!(forwarded_by_gateway(&format!("By={gw};Hash=ab;Cert=\"x\""), gw).is_err());
     }
 
     #[test]
@@ -303,10 +405,12 @@ mod tests {
         let _ = cache.get_or_insert("miss", || Ok(vec!["u".into()]));
         assert_eq!(cache.parsed, before + 1, "a failure is not cached");
         assert!(
-            cache
-                .get_or_insert("miss", || unreachable!("cached"))
-                .is_err(),
+            matches!(
+                cache.get_or_insert("miss", || unreachable!("cached")),
+                Located::Found(Err(_))
+            ),
             "u is no SPIFFE ID"
         );
+        assert_eq!(cache.uri_pairs("miss"), Some(";URI=u"));
     }
 }

@@ -405,6 +405,13 @@ pub fn parse(json: &[u8]) -> Result<Config, ConfigErrors> {
             reason: e.to_string(),
         }])
     };
+    // A duplicate key is an error (serde_json would keep its last value: `"action"` twice could allow).
+    if let Err(e) = serde_json::from_slice::<UniqueKeys>(json) {
+        return Err(ConfigErrors(vec![ConfigError {
+            field: "(document)".into(),
+            reason: e.to_string(),
+        }]));
+    }
     let value: serde_json::Value = serde_json::from_slice(json).map_err(document_error)?;
     let mut errors = Errors::default();
     require_objects(&mut errors, &value);
@@ -413,6 +420,79 @@ pub fn parse(json: &[u8]) -> Result<Config, ConfigErrors> {
     }
     let raw: RawConfig = serde_json::from_value(value).map_err(document_error)?;
     compile(&raw)
+}
+
+/// Any JSON document in which no object repeats a key (read to check, then dropped).
+struct UniqueKeys;
+
+/// Checks one value at `path` (`policies[0].action`) for repeated keys.
+struct UniqueKeysAt(String);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde::de::DeserializeSeed::deserialize(UniqueKeysAt(String::new()), deserializer)
+            .map(|()| UniqueKeys)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeysAt {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysAt {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        while seq
+            .next_element_seed(UniqueKeysAt(format!("{}[{i}]", self.0)))?
+            .is_some()
+        {
+            i += 1;
+        }
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = if self.0.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", self.0)
+            };
+            if !seen.insert(key) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key `{path}`: each key may appear once"
+                )));
+            }
+            map.next_value_seed(UniqueKeysAt(path))?;
+        }
+        Ok(())
+    }
 }
 
 /// serde would also read a struct from a JSON array of its fields in order

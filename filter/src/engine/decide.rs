@@ -31,6 +31,25 @@ pub enum Reason {
     Default,
     /// The Rego policy could not decide (error, undefined, not a boolean): denied.
     RegoError(String),
+    /// The peer presented a certificate the filter cannot locate or parse: denied before any policy.
+    UnverifiablePeer(String),
+    /// More than one `Host`/`:authority` value (or one with a comma): denied before any policy.
+    AmbiguousHost,
+    /// Envoy's headers or properties could not be read: denied before any policy.
+    Unreadable(String),
+}
+
+impl Decision {
+    /// A denial made before any policy is asked.
+    pub fn refused(reason: Reason) -> Self {
+        Self {
+            allowed: false,
+            reason,
+            policy: None,
+            dry_run: Vec::new(),
+            audited: Vec::new(),
+        }
+    }
 }
 
 /// The outcome for one request.

@@ -2,14 +2,16 @@
 //!
 //! An identity is a certificate with exactly one URI SAN that is a SPIFFE ID
 //! with a non-root path (X509-SVID). Anything else — no certificate, two URI
-//! SANs, a bare trust domain, a certificate that cannot be located — is *no
-//! identity*, never a guess. DNS SANs and the subject are never used.
+//! SANs, a bare trust domain — is *no identity*, never a guess. DNS SANs and
+//! the subject are never used. A peer that presented a certificate the filter
+//! cannot locate or parse is *unverifiable*: the request is denied, whatever
+//! the policy (a caller must never shed its identity by hiding its certificate).
 //!
 //! The URI SANs come from the certificate itself (see [`super::certificate`]);
 //! with `uri_san_check: first_only` (the only choice at L4) the first URI SAN
 //! Envoy reports stands for the whole certificate.
 
-use super::certificate::{self, CertCache, CertSans};
+use super::certificate::{self, CertCache, CertSans, Located};
 use super::config::Config;
 use super::headers::Headers;
 use super::spiffe_id::SpiffeId;
@@ -18,14 +20,25 @@ use super::XFCC;
 /// What a certificate proves: a workload identity, or why it proves none.
 pub type Identity = Result<SpiffeId, String>;
 
+/// What the direct peer presented.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// No client certificate.
+    Absent,
+    /// A certificate the filter cannot locate or parse (why): the request is denied.
+    Unverifiable(String),
+    /// A certificate, and what it proves.
+    Certificate(Identity),
+}
+
 /// Where the identity facts of one request come from.
 pub trait PeerCertificates {
-    /// What the direct peer's certificate proves; `None` when it presented none.
-    /// `headers` are the request's, for `x-forwarded-client-cert`.
-    fn peer(&mut self, headers: &Headers) -> Option<Identity>;
-    /// What the certificate of the caller a trusted gateway forwarded proves
-    /// (asked only when the peer is a trusted gateway); `None` when it forwarded none.
-    fn forwarded(&mut self, headers: &Headers) -> Option<Identity>;
+    /// What the direct peer presented. `headers` are the request's, for
+    /// `x-forwarded-client-cert`.
+    fn peer(&mut self, headers: &Headers) -> Peer;
+    /// What the certificate of the caller the trusted gateway `gateway` (the
+    /// direct peer) forwarded proves, or why there is no forwarded caller.
+    fn forwarded(&mut self, headers: &Headers, gateway: &SpiffeId) -> Identity;
 }
 
 /// Certificates stated outright (tests and `trustweave-policy check`).
@@ -38,11 +51,16 @@ pub struct StatedCertificates {
 }
 
 impl PeerCertificates for StatedCertificates {
-    fn peer(&mut self, _: &Headers) -> Option<Identity> {
-        self.peer.as_ref().map(workload_identity)
+    fn peer(&mut self, _: &Headers) -> Peer {
+        self.peer.as_ref().map_or(Peer::Absent, |sans| {
+            Peer::Certificate(workload_identity(sans))
+        })
     }
-    fn forwarded(&mut self, _: &Headers) -> Option<Identity> {
-        self.forwarded.as_ref().map(workload_identity)
+    fn forwarded(&mut self, _: &Headers, _: &SpiffeId) -> Identity {
+        self.forwarded.as_ref().map_or_else(
+            || Err("the trusted gateway forwarded no caller".into()),
+            workload_identity,
+        )
     }
 }
 
@@ -53,6 +71,8 @@ pub enum PeerFacts {
     Digest(Option<String>),
     /// `connection.uri_san_peer_certificate` (`uri_san_check: first_only`).
     FirstUriSan(Option<String>),
+    /// Envoy's answer could not be read (a failed host call, not UTF-8): why.
+    Unreadable(String),
 }
 
 /// What Envoy tells the filter, resolved to identities through a per-worker cache.
@@ -71,28 +91,45 @@ fn xfcc_text(headers: &Headers) -> Option<String> {
 }
 
 impl PeerCertificates for EnvoyCertificates<'_> {
-    fn peer(&mut self, headers: &Headers) -> Option<Identity> {
+    fn peer(&mut self, headers: &Headers) -> Peer {
         match &self.peer {
             PeerFacts::FirstUriSan(uri) => uri
                 .as_ref()
                 .filter(|u| !u.is_empty())
-                .map(|u| workload_identity(&Ok(vec![u.clone()]))),
-            PeerFacts::Digest(digest) => {
-                let digest = digest.as_deref().filter(|d| !d.is_empty())?;
-                Some(self.cache.get_or_insert(digest, || {
+                .map_or(Peer::Absent, |u| {
+                    Peer::Certificate(workload_identity(&Ok(vec![u.clone()])))
+                }),
+            PeerFacts::Digest(None) => Peer::Absent,
+            PeerFacts::Digest(Some(digest)) => {
+                match self.cache.get_or_insert(digest, || {
                     certificate::locate_peer(xfcc_text(headers).as_deref(), digest)
-                }))
+                }) {
+                    Located::Found(identity) => Peer::Certificate(identity),
+                    Located::NotFound(why) => Peer::Unverifiable(why),
+                }
             }
+            PeerFacts::Unreadable(why) => Peer::Unverifiable(why.clone()),
         }
     }
 
-    fn forwarded(&mut self, headers: &Headers) -> Option<Identity> {
-        let xfcc = xfcc_text(headers)?;
-        let forwarded = certificate::forwarded_by_gateway(Some(&xfcc))?;
-        Some(match forwarded.hash {
-            Some(hash) => self.cache.get_or_insert(hash, || forwarded.sans()),
-            None => workload_identity(&forwarded.sans()),
-        })
+    fn forwarded(&mut self, headers: &Headers, gateway: &SpiffeId) -> Identity {
+        let PeerFacts::Digest(Some(digest)) = &self.peer else {
+            return Err("a forwarded caller needs the peer's digest (uri_san_check: xfcc)".into());
+        };
+        let xfcc = xfcc_text(headers);
+        let own = certificate::own_element(xfcc.as_deref(), digest)?;
+        let forwarded = certificate::forwarded_by_gateway(own.before, gateway.as_str())?;
+        // Its shape is checked on every request; its certificate is parsed once.
+        match self
+            .cache
+            .get_or_insert(forwarded.hash, || forwarded.sans())
+        {
+            Located::Found(identity) => {
+                forwarded.check_rest(self.cache.uri_pairs(forwarded.hash))?;
+                identity
+            }
+            Located::NotFound(why) => Err(why),
+        }
     }
 }
 
@@ -107,6 +144,10 @@ pub struct Resolved {
     pub via_gateway: bool,
     /// Why there is no identity, if there is none.
     pub no_identity: Option<String>,
+    /// Why the peer's certificate cannot be verified, if so: the request is denied.
+    pub unverifiable: Option<String>,
+    /// Why a trusted gateway's forwarded caller was refused, if it was (counted).
+    pub forwarded_refused: Option<String>,
 }
 
 impl Resolved {
@@ -116,6 +157,8 @@ impl Resolved {
             peer,
             via_gateway: false,
             no_identity: Some(reason.into()),
+            unverifiable: None,
+            forwarded_refused: None,
         }
     }
 
@@ -148,9 +191,14 @@ pub fn workload_identity(sans: &CertSans) -> Identity {
 /// Resolves the caller of an HTTP request.
 pub fn resolve(config: &Config, certs: &mut dyn PeerCertificates, headers: &Headers) -> Resolved {
     let peer = match certs.peer(headers) {
-        None => return Resolved::none(None, "no peer certificate"),
-        Some(Ok(id)) => id,
-        Some(Err(reason)) => return Resolved::none(None, format!("peer: {reason}")),
+        Peer::Absent => return Resolved::none(None, "no peer certificate"),
+        Peer::Unverifiable(reason) => {
+            let mut resolved = Resolved::none(None, format!("peer: {reason}"));
+            resolved.unverifiable = Some(reason);
+            return resolved;
+        }
+        Peer::Certificate(Ok(id)) => id,
+        Peer::Certificate(Err(reason)) => return Resolved::none(None, format!("peer: {reason}")),
     };
     if !config.trusted_gateways.contains(peer.as_str()) {
         return Resolved {
@@ -158,21 +206,27 @@ pub fn resolve(config: &Config, certs: &mut dyn PeerCertificates, headers: &Head
             peer: Some(peer),
             via_gateway: false,
             no_identity: None,
+            unverifiable: None,
+            forwarded_refused: None,
         };
     }
     // A trusted gateway is never the caller itself: it vouches for the caller it verified.
-    match certs.forwarded(headers) {
-        None => Resolved::none(Some(peer), "trusted gateway forwarded no caller"),
-        Some(Err(reason)) => Resolved::none(Some(peer), format!("forwarded caller: {reason}")),
-        // With nothing forwarded, the header's first element is Envoy's own for the gateway.
-        Some(Ok(caller)) if caller == peer => {
-            Resolved::none(Some(peer), "trusted gateway forwarded no caller")
+    match certs.forwarded(headers, &peer) {
+        Err(reason) => {
+            let mut resolved = Resolved::none(Some(peer), format!("forwarded caller: {reason}"));
+            resolved.forwarded_refused = Some(reason);
+            resolved
         }
-        Some(Ok(caller)) => Resolved {
+        Ok(caller) if caller == peer => {
+            Resolved::none(Some(peer), "trusted gateway forwarded itself as the caller")
+        }
+        Ok(caller) => Resolved {
             caller: Some(caller),
             peer: Some(peer),
             via_gateway: true,
             no_identity: None,
+            unverifiable: None,
+            forwarded_refused: None,
         },
     }
 }
@@ -187,6 +241,8 @@ pub fn resolve_network(peer_uri_san: Option<&str>) -> Resolved {
                 peer: Some(id),
                 via_gateway: false,
                 no_identity: None,
+                unverifiable: None,
+                forwarded_refused: None,
             },
             Err(reason) => Resolved::none(None, format!("peer: {reason}")),
         },

@@ -21,6 +21,8 @@ pub fn all_names(config: &Config) -> Vec<String> {
         "sni_denied",
         "peer_certificates_parsed",
         "rego_errors",
+        "unverifiable_peer",
+        "forwarded_refused",
     ]
     .iter()
     .map(|n| format!("trustweave.{n}"))

@@ -39,6 +39,8 @@ pub struct HttpInput {
     pub sni: Option<String>,
     /// What Envoy's node and local certificate say about this hop.
     pub node: NodeFacts,
+    /// Why something Envoy was asked for could not be read (the request is then denied).
+    pub unreadable: Option<String>,
 }
 
 /// What the shim does for one HTTP request.
@@ -50,8 +52,13 @@ pub struct HttpOutcome {
     pub caller: Option<Caller>,
     /// Why there is no identity, if there is none.
     pub no_identity: Option<String>,
-    /// Headers present on the request to remove (anti-spoofing, and any header
-    /// about to be set), before anything is set.
+    /// Why the peer's certificate could not be verified, if so (counted).
+    pub unverifiable: Option<String>,
+    /// Why a trusted gateway's forwarded caller was refused, if it was (counted).
+    pub forwarded_refused: Option<String>,
+    /// Headers present on the request to remove (anti-spoofing, the filter's
+    /// own annotation headers, any header about to be set), before anything is
+    /// set — on every outcome, so logs never name a caller the client claimed.
     pub remove: Vec<String>,
     /// Headers to set on the request (annotation).
     pub set: Vec<(String, String)>,
@@ -86,15 +93,33 @@ pub fn evaluate_http(
         port,
         sni,
         node,
+        unreadable,
     } = input;
     let resolved = identity::resolve(config, certs, &headers);
+    // Refused before any policy: what cannot be read, a certificate that cannot
+    // be verified, a host that is not one value.
+    let ambiguous_host = is_ambiguous_host(&headers);
+    let refusal = match (&unreadable, &resolved.unverifiable) {
+        (Some(why), _) => Some(Reason::Unreadable(why.clone())),
+        (None, Some(why)) => Some(Reason::UnverifiablePeer(why.clone())),
+        (None, None) if ambiguous_host => Some(Reason::AmbiguousHost),
+        (None, None) => None,
+    };
     let trusted_peer = resolved.peer_is_trusted_gateway(config);
     let annotator = &config.annotator;
     let caller = resolved.caller.clone().map(|id| annotator.caller(id));
     let local = annotator.local(&node);
 
     // Anti-spoofing: what a downstream set is removed before evaluation, unless it is a trusted gateway.
-    let mut remove: Vec<String> = Vec::new();
+    // The `_` spellings are removed from everyone: servers that fold `_` into `-`
+    // would read them as ours (no Envoy writes them; the shipped HCM drops them first).
+    let mut remove: Vec<String> = annotator
+        .spoofable_headers()
+        .into_iter()
+        .chain([XFCC])
+        .map(|name| name.replace('-', "_"))
+        .filter(|name| headers.contains(name))
+        .collect();
     if !trusted_peer {
         remove.extend(
             annotator
@@ -123,8 +148,9 @@ pub fn evaluate_http(
         sni: sni.as_deref(),
     };
     #[cfg(feature = "rego")]
-    let (decision, verdict) = match &config.rego {
-        Some(policy) => decide_rego(
+    let (decision, verdict) = match (refusal, &config.rego) {
+        (Some(reason), _) => (Decision::refused(reason), Verdict::default()),
+        (None, Some(policy)) => decide_rego(
             policy,
             &rego::RegoFacts {
                 headers: &headers,
@@ -133,10 +159,13 @@ pub fn evaluate_http(
                 local: &local,
             },
         ),
-        None => (decide(config, &facts), Verdict::default()),
+        (None, None) => (decide(config, &facts), Verdict::default()),
     };
     #[cfg(not(feature = "rego"))]
-    let (decision, verdict) = (decide(config, &facts), Verdict::default());
+    let (decision, verdict) = match refusal {
+        Some(reason) => (Decision::refused(reason), Verdict::default()),
+        None => (decide(config, &facts), Verdict::default()),
+    };
     let Verdict {
         mut set,
         mut deny_headers,
@@ -147,20 +176,17 @@ pub fn evaluate_http(
         rego_input,
     } = verdict;
 
-    if decision.allowed {
-        for (name, value) in annotator.request_headers(caller.as_ref(), &local) {
-            let present = headers.contains(&name);
-            match value {
-                Some(v) => {
-                    if present {
-                        remove.push(name.clone());
-                    }
-                    set.push((name, v));
-                }
-                None if present => remove.push(name),
-                None => {}
-            }
+    // The filter's own headers, on every outcome: what this hop knows, or nothing.
+    // (Headers removed above are gone from `headers`; a trusted gateway's are replaced here.)
+    for (name, value) in annotator.request_headers(caller.as_ref(), &local) {
+        if headers.contains(&name) {
+            remove.push(name.clone());
         }
+        if let Some(value) = value {
+            set.push((name, value));
+        }
+    }
+    if decision.allowed {
         match annotator.baggage(headers.joined_text("baggage").as_deref(), &local) {
             BaggageChange::Keep => {}
             BaggageChange::Remove => remove.push("baggage".into()),
@@ -189,6 +215,8 @@ pub fn evaluate_http(
         decision,
         caller,
         no_identity: resolved.no_identity,
+        unverifiable: resolved.unverifiable,
+        forwarded_refused: resolved.forwarded_refused,
         remove,
         set,
         deny_headers,
@@ -199,6 +227,24 @@ pub fn evaluate_http(
         rego_input,
         log,
     }
+}
+
+/// Whether the request names more than one host: `:authority`/`Host` values
+/// that differ (case aside), a value with a comma (two `Host` headers merged),
+/// or one that is not UTF-8. `DENY hosts` could miss such a request.
+fn is_ambiguous_host(headers: &Headers) -> bool {
+    let mut first: Option<&[u8]> = None;
+    for value in headers.raw(":authority").chain(headers.raw("host")) {
+        if value.contains(&b',') || std::str::from_utf8(value).is_err() {
+            return true;
+        }
+        match first {
+            None => first = Some(value),
+            Some(seen) if !seen.eq_ignore_ascii_case(value) => return true,
+            Some(_) => {}
+        }
+    }
+    false
 }
 
 /// What a decision adds beyond allow/deny: headers, a denial's status and body.
