@@ -11,6 +11,8 @@ setup:
 
 WASM = target/wasm32-wasip1/wasm/trustweave_filter.wasm
 WASM_REGO = target/wasm32-wasip1/wasm/trustweave_filter_rego.wasm
+## Tests only: traps on demand (feature test-trap), to test Envoy's FAIL_RELOAD.
+WASM_TRAP = target/wasm32-wasip1/wasm/trustweave_filter_trap.wasm
 
 build: setup wasm
 	cargo build --workspace --bins
@@ -20,8 +22,10 @@ build: setup wasm
 wasm: setup
 	cargo build -p trustweave-filter --lib --target wasm32-wasip1 --profile wasm --features rego
 	cp $(WASM) $(WASM_REGO)
+	cargo build -p trustweave-filter --lib --target wasm32-wasip1 --profile wasm --no-default-features --features test-trap
+	cp $(WASM) $(WASM_TRAP)
 	cargo build -p trustweave-filter --lib --target wasm32-wasip1 --profile wasm --no-default-features
-	@ls -l $(WASM) $(WASM_REGO) | awk '{print $$9 ": " $$5 " bytes"}'
+	@ls -l $(WASM) $(WASM_REGO) $(WASM_TRAP) | awk '{print $$9 ": " $$5 " bytes"}'
 
 ## The cross-cloud mesh on this machine (three federated clouds and on-prem), with a report;
 ## keeps running until Ctrl-C (`./target/debug/trustweave-demo --once` exits after the report).

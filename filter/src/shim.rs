@@ -205,6 +205,13 @@ impl HttpFilter {
 
 impl HttpContext for HttpFilter {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        #[cfg(feature = "test-trap")]
+        if let Ok(Some(_)) =
+            hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-trustweave-test-trap")
+        {
+            // The test module's trap on demand (see Cargo.toml): a wasm `unreachable`.
+            std::process::abort();
+        }
         let Some(state) = self.state.clone() else {
             log(LogLevel::Error, "denied: plugin has no valid configuration");
             return self.deny(&[]);

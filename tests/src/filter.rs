@@ -13,36 +13,42 @@ use serde_json::{json, Value};
 
 use crate::pki::{IssuedSvid, TrustDomainCa};
 
+/// A built module: `$<env>`, else `file` in the workspace's `wasm` profile output; fails with `hint`.
+fn built_wasm(env: &str, file: &str, hint: &str) -> PathBuf {
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/wasm32-wasip1/wasm")
+            .join(file)
+    });
+    assert!(path.exists(), "{} is missing: {hint}", path.display());
+    path
+}
+
 /// The built filter: `$TRUSTWEAVE_WASM`, else the workspace's `wasm` profile output.
 pub fn wasm_path() -> PathBuf {
-    let path = std::env::var_os("TRUSTWEAVE_WASM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/wasm32-wasip1/wasm/trustweave_filter.wasm")
-        });
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p trustweave-filter --lib --target wasm32-wasip1 --profile wasm` (make test does)",
-        path.display()
-    );
-    path
+    built_wasm(
+        "TRUSTWEAVE_WASM",
+        "trustweave_filter.wasm",
+        "build it with `cargo build -p trustweave-filter --lib --target wasm32-wasip1 --profile wasm` (make test does)",
+    )
 }
 
 /// The build with Rego mode: `$TRUSTWEAVE_REGO_WASM`, else the `wasm` profile output `make wasm` copies.
 pub fn rego_wasm_path() -> PathBuf {
-    let path = std::env::var_os("TRUSTWEAVE_REGO_WASM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/wasm32-wasip1/wasm/trustweave_filter_rego.wasm")
-        });
-    assert!(
-        path.exists(),
-        "{} is missing: make wasm builds it",
-        path.display()
-    );
-    path
+    built_wasm(
+        "TRUSTWEAVE_REGO_WASM",
+        "trustweave_filter_rego.wasm",
+        "make wasm builds it",
+    )
+}
+
+/// The test-only build that traps on `x-trustweave-test-trap` (feature `test-trap`), which `make wasm` copies.
+pub fn trap_wasm_path() -> PathBuf {
+    built_wasm(
+        "TRUSTWEAVE_TRAP_WASM",
+        "trustweave_filter_trap.wasm",
+        "make wasm builds it",
+    )
 }
 
 /// Istio's sidecar HTTP entry running the Rego build with `config_json`.

@@ -650,3 +650,53 @@ async fn a_duplicate_key_is_a_configuration_error() {
     let log = refused_configuration(&dir, &pki, "duplicate", filter::http_filter(config)).await;
     assert!(log.contains("duplicate key `policies[0].action`"), "{log}");
 }
+
+#[tokio::test]
+async fn a_trapped_vm_is_replaced_and_fails_closed_until_it_is() {
+    let pki = Pki::new();
+    let dir = sds::socket_dir();
+    // The shipped entry (its failure_policy from istio/), running the test module that traps on demand.
+    let mut entry = shipped_sidecar_filter();
+    assert_eq!(
+        entry["typed_config"]["config"]["failure_policy"], "FAIL_RELOAD",
+        "the shipped failure policy"
+    );
+    entry["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
+        serde_json::json!(filter::trap_wasm_path());
+    entry["typed_config"]["config"]["vm_config"]["vm_id"] = "trustweave-trap".into();
+    let (envoy, addr) = sidecar(&dir, &pki, entry).await;
+    let (peer, stranger) = (pki.svid(GCP_PEER), pki.svid(STRANGER));
+    assert_eq!(status(addr, &peer, "/invoices", &[]).await, 200);
+    let trapped = status(
+        addr,
+        &peer,
+        "/invoices",
+        &[("x-trustweave-test-trap", b"1")],
+    )
+    .await;
+    assert_ne!(trapped, 200, "the trapping request fails closed");
+    // Until the VM is replaced, nothing is allowed that the policy denies; then it decides again.
+    let while_reloading = std::cell::RefCell::new(Vec::new());
+    trustweave_e2e::wait::wait_until(
+        "the VM replaced",
+        std::time::Duration::from_secs(20),
+        || async {
+            let denied = status(addr, &stranger, "/x", &[]).await;
+            while_reloading.borrow_mut().push(denied);
+            status(addr, &peer, "/invoices", &[]).await == 200
+        },
+    )
+    .await;
+    let while_reloading = while_reloading.into_inner();
+    assert!(
+        while_reloading.iter().all(|s| *s != 200),
+        "{while_reloading:?}"
+    );
+    assert_eq!(status(addr, &stranger, "/x", &[]).await, 403);
+    // Not vacuous: the VM trapped, and a new one was configured after it.
+    let log = envoy.log();
+    let trap = log
+        .find("proxy_on_request_headers failed")
+        .unwrap_or_else(|| panic!("no trap in Envoy's log:\n{log}"));
+    assert!(log[trap..].contains("configured: Sidecar Http"), "{log}");
+}
