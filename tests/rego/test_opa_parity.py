@@ -148,3 +148,65 @@ def test_subtle_semantics_match_opa(tmp_path, rule, headers, path, expected):
     document, verdict = ours(config, "spiffe://gcp.company.com/ns/a/sa/b", headers, path)
     assert opa(config, document) == expected, "OPA's documented answer"
     assert verdict == expected
+
+
+# One rule per builtin group the Rego module enables (README "Rego builtins"), on request data.
+BUILTINS = """
+package builtins
+import rego.v1
+
+headers := input.attributes.request.http.headers
+
+regex_group if regex.match(`^v[0-9]+$`, headers["x-v"])
+glob_group if glob.match("*.company.com", ["."], headers["x-host"])
+time_group if time.parse_rfc3339_ns(headers["x-t"]) < time.parse_rfc3339_ns("2030-01-01T00:00:00Z")
+encoding_group if {
+  base64.decode(headers["x-b64"]) == "hello"
+  hex.decode(headers["x-hex"]) == "hi"
+  urlquery.decode(headers["x-q"]) == "a b&c"
+  base64url.encode("hi?") == "aGk_"
+}
+net_group if net.cidr_contains("10.0.0.0/8", headers["x-ip"])
+semver_group if semver.compare(headers["x-ver"], "1.2.0") >= 0
+json_group if json.unmarshal(headers["x-json"]).a == 1
+yaml_group if yaml.unmarshal(headers["x-yaml"]).a == 1
+jsonpatch_group if json.patch({"a": 1}, [{"op": "add", "path": "/b", "value": 2}]).b == 2
+graph_group if "c" in graph.reachable({"a": ["b"], "b": ["c"], "c": []}, [headers["x-node"]])
+count_empty if strings.count(headers["x-s"], "") == 4
+range_group if count(numbers.range(1, to_number(headers["x-n"]))) == 3
+"""
+
+BUILTIN_CASES = [
+    ("regex_group", {"x-v": "v12"}, True),
+    ("regex_group", {"x-v": "12"}, "undefined"),
+    ("glob_group", {"x-host": "api.company.com"}, True),
+    ("glob_group", {"x-host": "a.b.company.com"}, "undefined"),
+    ("time_group", {"x-t": "2026-12-02T10:00:00Z"}, True),
+    ("time_group", {"x-t": "2031-01-01T00:00:00Z"}, "undefined"),
+    ("encoding_group", {"x-b64": "aGVsbG8=", "x-hex": "6869", "x-q": "a%20b%26c"}, True),
+    ("net_group", {"x-ip": "10.1.2.3"}, True),
+    ("net_group", {"x-ip": "192.168.0.1"}, "undefined"),
+    ("semver_group", {"x-ver": "1.10.0"}, True),
+    ("semver_group", {"x-ver": "1.1.9"}, "undefined"),
+    ("json_group", {"x-json": '{"a":1}'}, True),
+    ("yaml_group", {"x-yaml": "a: 1"}, True),
+    ("jsonpatch_group", {}, True),
+    ("graph_group", {"x-node": "a"}, True),
+    ("graph_group", {"x-node": "c"}, True),
+    ("graph_group", {"x-node": "z"}, "undefined"),
+    ("count_empty", {"x-s": "abc"}, True),
+    ("range_group", {"x-n": "3"}, True),
+]
+
+
+@pytest.mark.parametrize("rule,headers,expected", BUILTIN_CASES)
+def test_builtin_groups_decide_as_opa(tmp_path, rule, headers, expected):
+    config = tmp_path / f"{rule}.json"
+    config.write_text(json.dumps({
+        "placement": "sidecar",
+        "layer": "http",
+        "rego": {"modules": {"builtins.rego": BUILTINS}, "query": f"data.builtins.{rule}"},
+    }))
+    document, verdict = ours(config, "spiffe://gcp.company.com/ns/a/sa/b", headers)
+    assert opa(config, document) == expected, "OPA's answer"
+    assert verdict == expected

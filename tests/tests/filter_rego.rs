@@ -147,3 +147,66 @@ async fn a_module_that_does_not_compile_is_refused_naming_module_and_line() {
     assert!(log.contains("rego.modules.broken.rego"), "{log}");
     assert!(log.contains("broken.rego:4"), "{log}");
 }
+
+/// A module whose decision calls `builtin` on the request's `x-n` header.
+fn module_calling(builtin: &str) -> String {
+    let module = format!(
+        "package guard\nimport rego.v1\ndefault allow := false\nallow if {{\n  n := to_number(input.attributes.request.http.headers[\"x-n\"])\n  {builtin}\n}}\n"
+    );
+    json!({ "rego": { "modules": { "guard.rego": module }, "query": "data.guard.allow" } })
+        .to_string()
+}
+
+#[tokio::test]
+async fn no_request_can_crash_or_stall_a_builtin() {
+    let pki = Pki::new();
+    let dir = sds::socket_dir();
+    let peer = pki.svid(GCP_PEER);
+    for (name, builtin) in [
+        ("range", "count(numbers.range(1, n)) > 0"),
+        ("range-step", "count(numbers.range_step(1, n, 1)) > 0"),
+        (
+            "cidr",
+            "count(net.cidr_expand(sprintf(\"10.0.0.0/%d\", [n]))) > 0",
+        ),
+        (
+            "sprintf",
+            "count(sprintf(sprintf(\"%%0%dd\", [n]), [1])) > 0",
+        ),
+        ("count", "strings.count(\"abc\", \"\") == n"),
+    ] {
+        let (envoy, addr) =
+            sidecar(&dir, &pki, filter::rego_filter(&module_calling(builtin))).await;
+        // A reasonable argument decides; a hostile one denies and is counted; the VM lives on.
+        let small = if name == "count" {
+            "4"
+        } else if name == "cidr" {
+            "30"
+        } else {
+            "8"
+        };
+        let hostile = if name == "cidr" { "8" } else { "1e18" };
+        let ok = call(addr, &peer, "/", &[("x-n", small)]).await;
+        assert_eq!(ok.status, 200, "{name} with {small}: {ok:?}");
+        if name != "count" {
+            let denied = call(addr, &peer, "/", &[("x-n", hostile)]).await;
+            assert_eq!(denied.status, 403, "{name} with {hostile}");
+            assert_eq!(
+                filter_counter(&envoy, "trustweave.rego_errors").await,
+                1,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            call(addr, &peer, "/", &[("x-n", small)]).await.status,
+            200,
+            "{name} after"
+        );
+        let log = envoy.log();
+        assert!(
+            !log.contains("proxy_on_request_headers failed"),
+            "{name}: the VM trapped:\n{log}"
+        );
+        drop(envoy);
+    }
+}

@@ -12,6 +12,8 @@ pub mod pattern;
 pub mod policy;
 #[cfg(feature = "rego")]
 pub mod rego;
+#[cfg(feature = "rego")]
+pub mod rego_guards;
 pub mod spiffe_id;
 
 use annotate::{BaggageChange, NodeFacts};

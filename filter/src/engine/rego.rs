@@ -100,8 +100,11 @@ impl RegoPolicy {
             .map_err(|e| vec![error("rego.query", e.to_string())])?;
         let program = Compiler::compile_from_policy(&compiled, &[raw.query.as_str()])
             .map_err(|e| vec![error("rego.query", e.to_string())])?;
+        // Builtins a request could make panic or run unbounded are guarded.
+        let mut program = (*program).clone();
+        super::rego_guards::guard(&mut program);
         let mut vm = RegoVM::new_with_policy(compiled);
-        vm.load_program(program);
+        vm.load_program(Arc::new(program));
         if !raw.data.is_null() {
             vm.set_data(data)
                 .map_err(|e| vec![error("rego.data", e.to_string())])?;
@@ -179,7 +182,22 @@ fn interpret(result: &Value) -> RegoDecision {
                 _ => RegoDecision::Error("the result object has no boolean `allowed`".into()),
             }
         }
-        other => RegoDecision::Error(format!("the result {other} is not a boolean")),
+        // Only the kind: a result's text can be huge (or, for an infinite number, not printable).
+        other => RegoDecision::Error(format!("the result is {}, not a boolean", kind(other))),
+    }
+}
+
+/// The kind of a value, for error messages.
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Set(_) => "a set",
+        Value::Object(_) => "an object",
+        Value::Undefined => "undefined",
     }
 }
 
