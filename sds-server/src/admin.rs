@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::delegated::NodeIdentities;
 use crate::metrics::Metrics;
-use crate::snapshot::Published;
+use crate::published::Published;
 
 /// What the admin endpoint reads.
 #[derive(Clone, Debug)]

@@ -44,10 +44,9 @@ use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificat
 
 use crate::metrics::Metrics;
 use crate::peer::ProcessHandle;
+use crate::published::Published;
 use crate::render::SecretNames;
-use crate::snapshot::{
-    IdentitySnapshot, PrivateKeyDer, Published, SnapshotError, Svid, TrustBundle,
-};
+use crate::snapshot::{IdentitySnapshot, PrivateKeyDer, SnapshotError, Svid, TrustBundle};
 use crate::source::{sleep_until, Backoff, IdentityOwner};
 use crate::workload::{Delegation, Event, Note, WorkloadState};
 

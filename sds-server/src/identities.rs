@@ -17,8 +17,9 @@ use tracing::warn;
 use crate::delegated::{NodeIdentities, WorkloadLease};
 use crate::metrics::Metrics;
 use crate::peer::Peer;
+use crate::published::Published;
 use crate::render::SecretNames;
-use crate::snapshot::{IdentitySnapshot, Published};
+use crate::snapshot::IdentitySnapshot;
 
 /// The identity source streams are served from.
 #[derive(Debug)]

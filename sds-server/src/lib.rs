@@ -20,6 +20,7 @@ pub mod inspect;
 pub mod listener;
 pub mod metrics;
 pub mod peer;
+pub mod published;
 pub mod render;
 pub mod sds;
 pub mod snapshot;
@@ -40,7 +41,8 @@ use config::Source;
 use delegated::NodeIdentities;
 use identities::Identities;
 use metrics::Metrics;
-use snapshot::{IdentitySnapshot, Published};
+use published::Published;
+use snapshot::IdentitySnapshot;
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use crate::snapshot::Published;
+use crate::published::Published;
 
 /// Label of a refusal or rejection: a short, fixed reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -25,7 +25,9 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     secret, spiffe_cert_validator_config::TrustDomain as SpiffeTrustDomain,
     CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate,
 };
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
@@ -159,7 +161,7 @@ impl RenderedSecret {
     fn new(name: &str, secret: Secret) -> Self {
         let any = to_any(secret);
         Self {
-            version: crate::sds::content_version([(name, any.value.as_slice())]),
+            version: content_version([(name, any.value.as_slice())]),
             any,
         }
     }
@@ -297,6 +299,22 @@ fn pem_certificates(ders: &[Vec<u8>]) -> Vec<u8> {
         .map(|der| pem::Pem::new("CERTIFICATE", der.clone()))
         .collect();
     pem::encode_many(&blocks).into_bytes()
+}
+
+/// A short digest of named contents; changes whenever any content changes.
+pub fn content_version<'a>(items: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut hasher = Sha256::new();
+    for (name, bytes) in items {
+        hasher.update((name.len() as u64).to_be_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update((bytes.len() as u64).to_be_bytes());
+        hasher.update(bytes);
+    }
+    let digest = hasher.finalize();
+    digest[..8].iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 #[cfg(test)]

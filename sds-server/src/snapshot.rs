@@ -15,13 +15,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use x509_parser::prelude::{FromDer, X509Certificate};
 use zeroize::Zeroizing;
-
-use crate::render::Rendered;
 
 /// Why Workload API material was refused (kept typed: logs and metrics name the reason).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -328,32 +325,6 @@ impl IdentitySnapshot {
             .min()
     }
 }
-
-/// A snapshot as published on the watch channel: rendered once for every
-/// stream, stamped with the moment it was published.
-#[derive(Debug)]
-pub struct Published {
-    /// The identity state.
-    pub snapshot: IdentitySnapshot,
-    /// Every secret it can serve, encoded once (see [`Rendered`]).
-    pub rendered: Rendered,
-    /// When it was published (for push latency).
-    pub at: Instant,
-}
-
-impl Published {
-    /// Renders `snapshot` under `names`, stamped now.
-    pub fn now(snapshot: IdentitySnapshot, names: &crate::render::SecretNames) -> Self {
-        Self {
-            rendered: Rendered::new(&snapshot, names),
-            snapshot,
-            at: Instant::now(),
-        }
-    }
-}
-
-/// A shared, immutable published snapshot.
-pub type SharedPublished = Arc<Published>;
 
 #[cfg(test)]
 mod tests {

@@ -22,8 +22,9 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
+use crate::published::Published;
 use crate::render::SecretNames;
-use crate::snapshot::{IdentitySnapshot, Published};
+use crate::snapshot::IdentitySnapshot;
 
 /// Where and how to reach the Workload API.
 #[derive(Clone, Debug)]

@@ -14,8 +14,9 @@ use trustweave_sds::delegated::{
 };
 use trustweave_sds::metrics::Metrics;
 use trustweave_sds::peer::ProcessHandle;
+use trustweave_sds::published::Published;
 use trustweave_sds::render::SecretNames;
-use trustweave_sds::snapshot::{IdentitySnapshot, Published};
+use trustweave_sds::snapshot::IdentitySnapshot;
 
 fn node() -> Arc<NodeIdentities> {
     let names = SecretNames::default();

@@ -10,10 +10,9 @@ use std::time::{Duration, SystemTime};
 use rcgen::{CertificateParams, KeyPair, SanType};
 use tokio::sync::watch;
 use trustweave_sds::metrics::Metrics;
+use trustweave_sds::published::Published;
 use trustweave_sds::render::SecretNames;
-use trustweave_sds::snapshot::{
-    IdentitySnapshot, PrivateKeyDer, Published, SnapshotError, Svid, TrustBundle,
-};
+use trustweave_sds::snapshot::{IdentitySnapshot, PrivateKeyDer, SnapshotError, Svid, TrustBundle};
 use trustweave_sds::source::IdentityOwner;
 
 const ID: &str = "spiffe://gcp.company.com/ns/a/sa/w";

@@ -29,13 +29,11 @@ use rustc_hash::FxHashMap as HashMap;
 
 use sha2::{Digest, Sha256};
 
-use super::identity::{workload_identity, Identity};
+use super::svid::{workload_identity, Identity};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// What one verified certificate says about identity: its URI SANs, in order,
-/// or why they could not be read (which yields no identity).
-pub type CertSans = Result<Vec<String>, String>;
+pub use super::svid::CertSans;
 
 /// Longest `x-forwarded-client-cert` searched, in bytes (Envoy's default header limit is 60 KiB).
 pub const MAX_XFCC_BYTES: usize = 64 * 1024;

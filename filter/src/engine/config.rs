@@ -4,6 +4,8 @@
 //! Unknown fields are errors. Every error names the field path, e.g.
 //! `policies[2].rules[0].from.principals[1]: …`, so an operator can fix it.
 
+pub use super::config_error::{ConfigError, ConfigErrors};
+pub use super::rego_source::RawRego;
 use std::collections::BTreeMap;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
@@ -104,22 +106,6 @@ pub struct RawConfig {
     /// (instead of `policies`).
     #[serde(default)]
     pub rego: Option<RawRego>,
-}
-
-/// The Rego part of a configuration, as written.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRego {
-    /// Module name → Rego source text.
-    pub modules: BTreeMap<String, String>,
-    /// The `data` document.
-    #[serde(default)]
-    pub data: serde_json::Value,
-    /// The rule whose value decides, e.g. `data.agentweave.authz.allow`.
-    pub query: String,
-    /// Evaluate, log and count what the policy would do, never enforce it.
-    #[serde(default)]
-    pub dry_run: bool,
 }
 
 /// The policy name Rego decisions are counted and reported under.
@@ -257,29 +243,6 @@ pub struct RawCondition {
     #[serde(default)]
     pub not_values: Vec<String>,
 }
-
-/// A configuration error, naming the field.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct ConfigError {
-    /// Path of the field, e.g. `policies[0].rules[1].to.paths[2]`.
-    pub field: String,
-    /// What is wrong.
-    pub reason: String,
-}
-
-/// Every error found in one configuration (never empty).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl std::fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let lines: Vec<String> = self.0.iter().map(ToString::to_string).collect();
-        f.write_str(&lines.join("; "))
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
 
 /// Collects errors while compiling, so that `validate` can list them all.
 #[derive(Default)]

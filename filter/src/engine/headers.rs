@@ -11,6 +11,9 @@
 //! - an ALLOW rule matches only if it matches under **every** reading, a DENY
 //!   (or AUDIT) rule matches if it matches under **any** reading.
 
+/// The header Envoy uses for forwarded client certificates.
+pub const XFCC: &str = "x-forwarded-client-cert";
+
 /// How a rule reads a fact that has several readings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quantifier {

@@ -11,14 +11,12 @@
 //! with `uri_san_check: first_only` (the only choice at L4) the first URI SAN
 //! Envoy reports stands for the whole certificate.
 
-use super::certificate::{self, CertCache, CertSans, Located};
+use super::certificate::{self, CertCache, Located};
 use super::config::Config;
 use super::headers::Headers;
+use super::headers::XFCC;
 use super::spiffe_id::SpiffeId;
-use super::XFCC;
-
-/// What a certificate proves: a workload identity, or why it proves none.
-pub type Identity = Result<SpiffeId, String>;
+pub use super::svid::{workload_identity, CertSans, Identity};
 
 /// What the direct peer presented.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,24 +166,6 @@ impl Resolved {
             .as_ref()
             .is_some_and(|p| config.trusted_gateways.contains(p.as_str()))
     }
-}
-
-/// The workload identity of a certificate: exactly one URI SAN, a SPIFFE ID with a path.
-pub fn workload_identity(sans: &CertSans) -> Identity {
-    let sans = sans.as_ref().map_err(Clone::clone)?;
-    let [only] = sans.as_slice() else {
-        return Err(format!(
-            "certificate has {} URI SANs; exactly one is required",
-            sans.len()
-        ));
-    };
-    let id = SpiffeId::parse(only).map_err(|e| format!("URI SAN is not a SPIFFE ID: {e}"))?;
-    if id.path().is_empty() {
-        return Err(format!(
-            "{id} names a trust domain, not a workload (an X509-SVID's ID has a path)"
-        ));
-    }
-    Ok(id)
 }
 
 /// Resolves the caller of an HTTP request.

@@ -4,6 +4,7 @@
 pub mod annotate;
 pub mod certificate;
 pub mod config;
+pub mod config_error;
 pub mod decide;
 pub mod headers;
 pub mod identity;
@@ -14,7 +15,9 @@ pub mod policy;
 pub mod rego;
 #[cfg(feature = "rego")]
 pub mod rego_guards;
+pub mod rego_source;
 pub mod spiffe_id;
+pub mod svid;
 
 use annotate::{BaggageChange, NodeFacts};
 use config::{Config, Placement};
@@ -23,8 +26,7 @@ use headers::{Headers, Reading};
 use identity::PeerCertificates;
 use policy::{Caller, Facts, Local};
 
-/// The header Envoy uses for forwarded client certificates.
-pub const XFCC: &str = "x-forwarded-client-cert";
+pub use headers::XFCC;
 /// Body of a denied request, as Envoy's RBAC filter writes it (existing tooling matches it).
 pub const DENY_BODY: &str = "RBAC: access denied";
 /// Longest path quoted in a log line.

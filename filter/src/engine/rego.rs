@@ -20,9 +20,10 @@ use regorus::languages::rego::compiler::Compiler;
 use regorus::rvm::RegoVM;
 use regorus::{Engine, Value};
 
-use super::config::{ConfigError, RawRego};
+use super::config_error::ConfigError;
 use super::headers::Headers;
 use super::policy::{Caller, Local};
+use super::rego_source::RawRego;
 
 /// A compiled Rego policy and the VM that evaluates it (one per worker).
 pub struct RegoPolicy {

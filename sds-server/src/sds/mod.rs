@@ -10,7 +10,6 @@ pub mod request_scan;
 pub mod routes;
 pub mod sotw;
 
-use std::fmt::Write as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,7 +21,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 use envoy_types::pb::google::protobuf::value::Kind;
 use futures::Stream;
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -31,8 +29,8 @@ use tracing::{debug, info, warn, Instrument};
 use crate::identities::Identities;
 use crate::metrics::{Metrics, ProtocolLabel, RefusalLabel};
 use crate::peer::Peer;
+use crate::published::Published;
 use crate::render::{Rendered, SecretNames, TrustFormat, SECRET_TYPE_URL};
-use crate::snapshot::Published;
 
 /// Most resource names one request (and one stream) may carry. Envoy asks for
 /// one name per stream; SPIRE's agent and Istio's serve a handful.
@@ -153,22 +151,6 @@ impl NonceSource {
     pub fn next(&self) -> String {
         (self.0.fetch_add(1, Ordering::Relaxed) + 1).to_string()
     }
-}
-
-/// A short digest of named contents; changes whenever any content changes.
-pub fn content_version<'a>(items: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
-    let mut hasher = Sha256::new();
-    for (name, bytes) in items {
-        hasher.update((name.len() as u64).to_be_bytes());
-        hasher.update(name.as_bytes());
-        hasher.update((bytes.len() as u64).to_be_bytes());
-        hasher.update(bytes);
-    }
-    let digest = hasher.finalize();
-    digest[..8].iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// The SDS service: shared, read-only state for every stream.

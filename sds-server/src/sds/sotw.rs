@@ -14,7 +14,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{content_version, NonceSource, RequestVerdict};
+use super::{NonceSource, RequestVerdict};
+use crate::render::content_version;
 use crate::render::{Rendered, TrustFormat, SECRET_TYPE_URL};
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
