@@ -328,6 +328,33 @@ async fn hostile_connection() -> anyhow::Result<Hostile> {
     })
 }
 
+/// Starts trustweave-sds with `source` flags (the agent it reads) on `socket`,
+/// room for `clients` connections, logging warnings to `log`.
+fn spawn_sds(
+    bin: &Path,
+    source: &[String],
+    socket: &Path,
+    clients: usize,
+    log: &Path,
+) -> anyhow::Result<Child> {
+    Command::new(bin)
+        .args(source)
+        .arg("--sds-socket")
+        .arg(socket)
+        .args([
+            "--admin-addr",
+            "off",
+            "--max-connections",
+            &(clients + 64).to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .kill_on_drop(true)
+        .spawn()
+        .context("run trustweave-sds (cargo build --workspace --bins)")
+}
+
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(std::env::current_exe()?.with_file_name(name))
 }
@@ -362,32 +389,23 @@ async fn run(mode: Mode, clients: usize, workloads: usize) -> anyhow::Result<Row
             .await,
         ),
     };
-    let mut server = Command::new(sibling("trustweave-sds")?);
-    match &agent {
-        Agent::Pod(standin) => server.args(["--workload-api-socket", &standin.endpoint()]),
-        Agent::Node(standin) => server.args([
-            "--source",
-            "delegated",
-            "--admin-socket",
-            &standin.endpoint(),
-        ]),
+    let source: Vec<String> = match &agent {
+        Agent::Pod(standin) => vec!["--workload-api-socket".into(), standin.endpoint()],
+        Agent::Node(standin) => vec![
+            "--source".into(),
+            "delegated".into(),
+            "--admin-socket".into(),
+            standin.endpoint(),
+        ],
     };
     let started = Instant::now();
-    let server = server
-        .arg("--sds-socket")
-        .arg(&socket)
-        .args([
-            "--admin-addr",
-            "off",
-            "--max-connections",
-            &(clients + 64).to_string(),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("sds.log"))?)
-        .kill_on_drop(true)
-        .spawn()
-        .context("run trustweave-sds (cargo build --workspace --bins)")?;
+    let server = spawn_sds(
+        &sibling("trustweave-sds")?,
+        &source,
+        &socket,
+        clients,
+        &dir.path().join("sds.log"),
+    )?;
     let server_pid = server.id().context("server pid")?;
     let mut registered: BTreeMap<u32, IssuedSvid> = BTreeMap::new();
     if let Agent::Node(standin) = &agent {

@@ -12,17 +12,17 @@
 //! serving process and the agent spent from the command to the last receipt.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tokio::process::Command;
 use tokio::sync::mpsc;
 use trustweave_e2e::bench_filter::cpu_micros;
 use trustweave_e2e::bench_sds::{percentiles, rss_kib, ENDED};
 use trustweave_e2e::real_spire::{self, SpireAgent, SpireServer};
 
-use super::{first_secret, receipts, sibling, ClientProcesses, Receipts, POD_ID, SDS_ID};
+use super::{
+    first_secret, receipts, sibling, spawn_sds, ClientProcesses, Receipts, POD_ID, SDS_ID,
+};
 
 const TD: &str = "aws.company.com";
 const AGENT_ID: &str = "spiffe://aws.company.com/node/bench";
@@ -141,35 +141,20 @@ pub async fn run(
     let (socket, server_pid) = match server {
         Server::SpireAgent => (Path::new(&agent.workload_socket()).to_path_buf(), agent_pid),
         Server::TrustweavePod | Server::TrustweaveNode => {
-            let mut command = Command::new(&sds_bin);
-            if server == Server::TrustweavePod {
-                command.args([
-                    "--workload-api-socket",
-                    &format!("unix:{}", agent.workload_socket()),
-                ]);
+            let source = if server == Server::TrustweavePod {
+                vec![
+                    "--workload-api-socket".to_string(),
+                    format!("unix:{}", agent.workload_socket()),
+                ]
             } else {
-                command.args([
-                    "--source",
-                    "delegated",
-                    "--admin-socket",
-                    &format!("unix:{}", agent.admin_socket()),
-                ]);
-            }
-            let child = command
-                .arg("--sds-socket")
-                .arg(&socket)
-                .args([
-                    "--admin-addr",
-                    "off",
-                    "--max-connections",
-                    &(clients + 64).to_string(),
-                ])
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log)?)
-                .kill_on_drop(true)
-                .spawn()
-                .context("run trustweave-sds (cargo build --workspace --bins)")?;
+                vec![
+                    "--source".to_string(),
+                    "delegated".to_string(),
+                    "--admin-socket".to_string(),
+                    format!("unix:{}", agent.admin_socket()),
+                ]
+            };
+            let child = spawn_sds(&sds_bin, &source, &socket, clients, &log)?;
             let pid = child.id().context("trustweave-sds pid")?;
             sds = Some(child);
             first_secret(&socket, Instant::now()).await?;
