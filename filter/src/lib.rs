@@ -6,6 +6,25 @@
 //! properties and headers, calls the engine, and acts.
 
 #![forbid(unsafe_code)]
+// A panic traps the VM for that worker: the compiler rules out what could panic
+// on request data (tests may still assert with unwrap and indexing).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 pub mod engine;
 

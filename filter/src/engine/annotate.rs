@@ -319,15 +319,15 @@ impl Annotator {
         let mut value = others.join(",");
         let mut room_members = BAGGAGE_MAX_MEMBERS.saturating_sub(others.len());
         for member in owned {
-            let added = member.len() + usize::from(!value.is_empty());
-            if room_members == 0 || value.len() + added > BAGGAGE_MAX_BYTES {
+            let added = member.len().saturating_add(usize::from(!value.is_empty()));
+            if room_members == 0 || value.len().saturating_add(added) > BAGGAGE_MAX_BYTES {
                 break;
             }
             if !value.is_empty() {
                 value.push(',');
             }
             value.push_str(&member);
-            room_members -= 1;
+            room_members = room_members.saturating_sub(1);
         }
         if value.is_empty() {
             BaggageChange::Remove
@@ -364,7 +364,10 @@ fn hops(previous: Option<&str>, local: &Local) -> Option<String> {
         entries.push(entry);
     }
     let skip = entries.len().saturating_sub(HOPS_MAX);
-    (entries.len() > skip).then(|| entries[skip..].join(">"))
+    entries
+        .get(skip..)
+        .filter(|kept| !kept.is_empty())
+        .map(|kept| kept.join(">"))
 }
 
 /// A W3C `baggage-octet` other than `%` (which would start an escape).
@@ -377,16 +380,22 @@ fn baggage_key(member: &str) -> &str {
     member.split(['=', ';']).next().unwrap_or("").trim()
 }
 
+/// The upper-case hex digit of a nibble (`0..=15`).
+fn hex_digit(nibble: u8) -> char {
+    char::from_digit(u32::from(nibble & 15), 16)
+        .unwrap_or('0')
+        .to_ascii_uppercase()
+}
+
 /// Percent-encodes into `out` what W3C baggage values may not carry raw, and `also`.
 fn percent_encode_into(value: &str, also: &[u8], out: &mut String) {
     for b in value.bytes() {
         match b {
             b if is_plain_octet(b) && !also.contains(&b) => out.push(b as char),
             _ => {
-                const HEX: &[u8; 16] = b"0123456789ABCDEF";
                 out.push('%');
-                out.push(HEX[usize::from(b >> 4)] as char);
-                out.push(HEX[usize::from(b & 15)] as char);
+                out.push(hex_digit(b >> 4));
+                out.push(hex_digit(b & 15));
             }
         }
     }

@@ -71,24 +71,25 @@ pub fn sha256_hex(der: &[u8]) -> String {
 
 /// Decodes `%XX` escapes (and nothing else: `+` stays `+`).
 pub fn percent_decode(text: &str) -> Option<Vec<u8>> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let high = hex_value(bytes.next()?)?;
+            let low = hex_value(bytes.next()?)?;
+            out.push(high << 4 | low);
         } else {
-            out.push(bytes[i]);
-            i += 1;
+            out.push(b);
         }
     }
     Some(out)
+}
+
+/// The value of one hex digit.
+pub fn hex_value(digit: u8) -> Option<u8> {
+    char::from(digit)
+        .to_digit(16)
+        .and_then(|v| u8::try_from(v).ok())
 }
 
 /// The DER of the first `CERTIFICATE` block of a PEM text.
@@ -104,6 +105,14 @@ fn cert_value_to_der(value: &str) -> Option<Vec<u8>> {
         .and_then(|v| v.strip_suffix('"'))
         .unwrap_or(value);
     pem_to_der(&percent_decode(inner)?)
+}
+
+/// The `"…"` value at the start of `text`, quotes included (`None`: not quoted, or never closed).
+fn quoted_prefix(text: &str) -> Option<&str> {
+    let inner = text.strip_prefix('"')?;
+    let close = inner.find('"')?;
+    // `"` is one byte: the value is `close` bytes between two quotes.
+    text.get(..close.checked_add(2)?)
 }
 
 /// Envoy's own element for the direct peer, located from the end of the header.
@@ -142,10 +151,11 @@ pub fn own_element<'a>(xfcc: Option<&'a str>, digest: &str) -> Result<OwnElement
             "x-forwarded-client-cert has no element of Envoy's for the peer's digest ({HINT})"
         ));
     };
-    let after = &xfcc[at + hash.len()..];
+    let after = xfcc.get(at.saturating_add(hash.len())..).unwrap_or_default();
+    // The quoted value right after `;Cert=` (url-encoded PEM holds no quote).
     let cert = after
-        .strip_prefix(";Cert=\"")
-        .and_then(|rest| rest.find('"').map(|close| &after[6..close + 8]))
+        .strip_prefix(";Cert=")
+        .and_then(quoted_prefix)
         .ok_or_else(|| format!("Envoy's element for the peer has no Cert ({HINT})"))?;
     // The element starts at `By=<own URI SAN>;` (absent when this Envoy has no URI SAN).
     let head = &xfcc[..at];
@@ -155,7 +165,11 @@ pub fn own_element<'a>(xfcc: Option<&'a str>, digest: &str) -> Result<OwnElement
         Some(by_part) => {
             let by = by_part
                 .rfind("By=")
-                .filter(|&b| !by_part[b + 3..].contains([',', ';', '"']))
+                .filter(|&b| {
+                    by_part
+                        .get(b.saturating_add(3)..)
+                        .is_some_and(|own| !own.contains([',', ';', '"']))
+                })
                 .ok_or("Envoy's element for the peer is not where Envoy writes it")?;
             if by > 0 && !by_part[..by].ends_with(',') {
                 return Err("Envoy's element for the peer is not where Envoy writes it".into());
@@ -253,13 +267,13 @@ pub fn forwarded_by_gateway<'a>(
     if !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return Err(not_one());
     }
-    let rest = rest[64..].strip_prefix(";Cert=\"").ok_or_else(not_one)?;
-    let close = rest.find('"').ok_or_else(not_one)?;
-    let cert_start = before.len() - rest.len() - 1;
+    let after_hash = rest.get(64..).ok_or_else(not_one)?;
+    let cert_and_rest = after_hash.strip_prefix(";Cert=").ok_or_else(not_one)?;
+    let cert = quoted_prefix(cert_and_rest).ok_or_else(not_one)?;
     Ok(Forwarded {
         hash,
-        cert: &before[cert_start..cert_start + close + 2],
-        rest: &rest[close + 1..],
+        cert,
+        rest: cert_and_rest.get(cert.len()..).unwrap_or_default(),
     })
 }
 
@@ -287,7 +301,7 @@ impl CertCache {
         if let Some(hit) = self.entries.get(digest) {
             return Located::Found(hit.identity.clone());
         }
-        self.parsed += 1;
+        self.parsed = self.parsed.saturating_add(1);
         let sans = match locate() {
             Ok(sans) => sans,
             Err(why) => return Located::NotFound(why),

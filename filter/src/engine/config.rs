@@ -430,12 +430,12 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeysAt {
         Ok(())
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut i = 0;
+        let mut i: usize = 0;
         while seq
             .next_element_seed(UniqueKeysAt(format!("{}[{i}]", self.0)))?
             .is_some()
         {
-            i += 1;
+            i = i.saturating_add(1);
         }
         Ok(())
     }

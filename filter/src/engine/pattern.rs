@@ -116,7 +116,7 @@ impl PatternSet {
                 .take_while(|n| **n <= bytes)
                 .any(|n| {
                     value
-                        .get(bytes - n..)
+                        .get(bytes.saturating_sub(*n)..)
                         .is_some_and(|s| self.suffixes.contains(s))
                 })
     }

@@ -20,6 +20,7 @@ use regorus::languages::rego::compiler::Compiler;
 use regorus::rvm::RegoVM;
 use regorus::{Engine, Value};
 
+use super::certificate::hex_value;
 use super::config_error::ConfigError;
 use super::headers::Headers;
 use super::policy::{Caller, Local};
@@ -233,25 +234,22 @@ fn decode_query(text: &str) -> String {
 fn decode(text: &str, plus_is_space: bool) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .filter(|h| bytes[i] == b'%' && h.iter().all(u8::is_ascii_hexdigit))
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match hex {
-            Some(b) => {
-                out.push(b);
-                i += 3;
+    let mut rest = bytes;
+    while let Some((&b, tail)) = rest.split_first() {
+        let escaped = match (b, tail) {
+            (b'%', [high, low, ..]) => hex_value(*high)
+                .zip(hex_value(*low))
+                .map(|(h, l)| h << 4 | l),
+            _ => None,
+        };
+        match escaped {
+            Some(decoded) => {
+                out.push(decoded);
+                rest = tail.get(2..).unwrap_or_default();
             }
             None => {
-                out.push(if plus_is_space && bytes[i] == b'+' {
-                    b' '
-                } else {
-                    bytes[i]
-                });
-                i += 1;
+                out.push(if plus_is_space && b == b'+' { b' ' } else { b });
+                rest = tail;
             }
         }
     }

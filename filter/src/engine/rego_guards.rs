@@ -121,7 +121,11 @@ fn range_step(span: &Span, params: Params<'_>, args: Args<'_>, strict: bool) -> 
     if let [Some(a), Some(b), step] = ints.as_slice() {
         match step {
             Some(step) if *step > 0 => {
-                let elements = (b.abs_diff(*a) / step.unsigned_abs()).saturating_add(1);
+                let elements = b
+                    .abs_diff(*a)
+                    .checked_div(step.unsigned_abs())
+                    .unwrap_or(u128::MAX)
+                    .saturating_add(1);
                 if elements > u128::from(MAX_ELEMENTS) {
                     return Err(refused(u64::try_from(elements).unwrap_or(u64::MAX)));
                 }

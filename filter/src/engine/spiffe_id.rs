@@ -84,12 +84,14 @@ impl SpiffeId {
 
     /// The trust domain name, without scheme.
     pub fn trust_domain(&self) -> &str {
-        &self.id[SCHEME.len()..SCHEME.len() + self.trust_domain_len]
+        let end = SCHEME.len().saturating_add(self.trust_domain_len);
+        self.id.get(SCHEME.len()..end).unwrap_or_default()
     }
 
     /// The path (empty, or starting with `/`).
     pub fn path(&self) -> &str {
-        &self.id[SCHEME.len() + self.trust_domain_len..]
+        let start = SCHEME.len().saturating_add(self.trust_domain_len);
+        self.id.get(start..).unwrap_or_default()
     }
 }
 
