@@ -151,7 +151,9 @@ pub fn own_element<'a>(xfcc: Option<&'a str>, digest: &str) -> Result<OwnElement
             "x-forwarded-client-cert has no element of Envoy's for the peer's digest ({HINT})"
         ));
     };
-    let after = xfcc.get(at.saturating_add(hash.len())..).unwrap_or_default();
+    let after = xfcc
+        .get(at.saturating_add(hash.len())..)
+        .unwrap_or_default();
     // The quoted value right after `;Cert=` (url-encoded PEM holds no quote).
     let cert = after
         .strip_prefix(";Cert=")
