@@ -150,7 +150,7 @@ def test_subtle_semantics_match_opa(tmp_path, rule, headers, path, expected):
     assert verdict == expected
 
 
-# One rule per builtin group the Rego module enables (README "Rego builtins"), on request data.
+# One rule per builtin group the Rego module enables (docs/filter.md, "Rego mode: builtins"), on request data.
 BUILTINS = """
 package builtins
 import rego.v1

@@ -6,7 +6,7 @@
 //! delegates. Every CLI call goes through the server's own socket; a CLI error
 //! fails with SPIRE's message.
 //!
-//! Pitfalls handled here (the README's SPIRE section lists them): socket
+//! Pitfalls handled here (docs/mesh.md, "The real SPIRE", lists them): socket
 //! paths stay under 108 bytes (a short directory in `/tmp`); join tokens are
 //! single-use, so every agent start mints one; the admin socket is outside the
 //! Workload API socket's directory, as the agent requires.

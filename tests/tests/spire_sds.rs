@@ -1,6 +1,6 @@
 //! SPIRE's own SDS (on the agent's Workload API socket) and trustweave-sds
 //! (per pod, reading the same agent's Workload API) side by side, asked the
-//! same questions by the same client: the README's comparison table
+//! same questions by the same client: the comparison table of docs/sds.md
 //! ("trustweave-sds and SPIRE's own SDS") is this test's expectations.
 //!
 //! Real SPIRE 1.13: an aws server federated (bundles exchanged in SPIFFE
@@ -182,7 +182,7 @@ async fn trustweave_sds_and_spire_agent_sds_side_by_side() {
     let both = ["aws.company.com".to_string(), "gcp.company.com".to_string()];
     let aws_only = vec!["aws.company.com".to_string()];
     let gcp_only = vec!["gcp.company.com".to_string()];
-    // name: (SPIRE's agent, trustweave-sds) — the README's table, row by row.
+    // name: (SPIRE's agent, trustweave-sds) — docs/sds.md's table, row by row.
     let table = [
         (
             "default",
