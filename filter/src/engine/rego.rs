@@ -9,7 +9,7 @@
 //!
 //! The input document is OPA-Envoy's (`input.attributes.…`, `parsed_path`,
 //! `parsed_query`) plus the shapes of our users' guides (`input.caller`,
-//! `input.agent`, `input.action`, …); see the README. Identity facts come only
+//! `input.agent`, `input.action`, …); see docs/filter.md. Identity facts come only
 //! from the verified peer, exactly as the JSON policies get them.
 
 use std::cell::RefCell;
@@ -268,7 +268,7 @@ pub struct RegoFacts<'a> {
     pub local: &'a Local,
 }
 
-/// Builds the input document (documented in the README). A request with a
+/// Builds the input document (documented in docs/filter.md). A request with a
 /// header value that is not UTF-8 gets `None`: the shim denies it.
 pub fn input(facts: &RegoFacts<'_>) -> Option<Value> {
     let mut header_map = BTreeMap::new();
