@@ -53,10 +53,17 @@ pub fn trap_wasm_path() -> PathBuf {
 
 /// Istio's sidecar HTTP entry running the Rego build with `config_json`.
 pub fn rego_filter(config_json: &str) -> Value {
-    let mut entry = http_filter(config_json);
-    entry["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
-        json!(rego_wasm_path());
-    entry["typed_config"]["config"]["vm_config"]["vm_id"] = json!("trustweave-rego");
+    with_module(
+        http_filter(config_json),
+        &rego_wasm_path(),
+        "trustweave-rego",
+    )
+}
+
+/// `entry` loading another module, in a VM of its own (`vm_id`).
+pub fn with_module(mut entry: Value, module: &std::path::Path, vm_id: &str) -> Value {
+    entry["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = json!(module);
+    entry["typed_config"]["config"]["vm_config"]["vm_id"] = json!(vm_id);
     entry
 }
 
@@ -135,6 +142,11 @@ pub fn istio_hcm_fields(file: &str) -> serde_json::Map<String, Value> {
 /// Istio's sidecar HTTP entry with another filter configuration (for focused tests).
 pub fn http_filter(config_json: &str) -> Value {
     with_configuration(istio_filter(SIDECAR_HTTP), config_json)
+}
+
+/// Istio's east-west gateway HTTP entry with another filter configuration.
+pub fn gateway_http_filter(config_json: &str) -> Value {
+    with_configuration(istio_filter(GATEWAY_HTTP), config_json)
 }
 
 /// Istio's sidecar network entry with another filter configuration.

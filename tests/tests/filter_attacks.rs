@@ -158,8 +158,7 @@ async fn a_split_san_through_a_deny_only_gateway_impersonates_nobody() {
     let (_sidecar, sidecar_addr) = sidecar(&dir, &pki, shipped_sidecar_filter()).await;
     let deny_only = r#"{"placement":"gateway","policies":[
         {"name":"no-onprem","action":"DENY","rules":[{"from":{"trust_domains":["onprem.company.com"]}}]}]}"#;
-    let mut gateway_filter = filter::istio_filter(filter::GATEWAY_HTTP);
-    gateway_filter["typed_config"]["config"]["configuration"]["value"] = deny_only.into();
+    let gateway_filter = filter::gateway_http_filter(deny_only);
     let gateway =
         filter::terminating_gateway(&pki.svid(GATEWAY), &pki.all(), gateway_filter, sidecar_addr);
     let (_gateway, gateway_addr) = start(&dir, "gateway", &gateway).await;
@@ -500,8 +499,7 @@ async fn a_forwarded_caller_counts_only_from_a_sanitizing_gateway() {
     let dir = sds::socket_dir();
     let (sidecar_envoy, sidecar_addr) = sidecar(&dir, &pki, shipped_sidecar_filter()).await;
     let pass_all = r#"{"placement":"gateway","default_action":"ALLOW"}"#;
-    let mut gateway_filter = filter::istio_filter(filter::GATEWAY_HTTP);
-    gateway_filter["typed_config"]["config"]["configuration"]["value"] = pass_all.into();
+    let gateway_filter = filter::gateway_http_filter(pass_all);
     let mut gateway = filter::terminating_gateway(
         &pki.svid(GATEWAY),
         &pki.all(),
@@ -656,14 +654,12 @@ async fn a_trapped_vm_is_replaced_and_fails_closed_until_it_is() {
     let pki = Pki::new();
     let dir = sds::socket_dir();
     // The shipped entry (its failure_policy from istio/), running the test module that traps on demand.
-    let mut entry = shipped_sidecar_filter();
+    let shipped = shipped_sidecar_filter();
     assert_eq!(
-        entry["typed_config"]["config"]["failure_policy"], "FAIL_RELOAD",
+        shipped["typed_config"]["config"]["failure_policy"], "FAIL_RELOAD",
         "the shipped failure policy"
     );
-    entry["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
-        serde_json::json!(filter::trap_wasm_path());
-    entry["typed_config"]["config"]["vm_config"]["vm_id"] = "trustweave-trap".into();
+    let entry = filter::with_module(shipped, &filter::trap_wasm_path(), "trustweave-trap");
     let (envoy, addr) = sidecar(&dir, &pki, entry).await;
     let (peer, stranger) = (pki.svid(GCP_PEER), pki.svid(STRANGER));
     assert_eq!(status(addr, &peer, "/invoices", &[]).await, 200);

@@ -82,20 +82,17 @@ pub struct SpireRow {
 impl SpireRow {
     /// Streams left behind (not updated, not ended).
     pub fn missed(&self) -> usize {
-        self.rotation
-            .iter()
-            .chain(&self.bundle)
-            .map(|s| s.missed)
-            .sum()
+        self.total(|s| s.missed)
     }
 
     /// Streams the server ended.
     pub fn ended(&self) -> usize {
-        self.rotation
-            .iter()
-            .chain(&self.bundle)
-            .map(|s| s.ended)
-            .sum()
+        self.total(|s| s.ended)
+    }
+
+    /// `count` summed over every update of the row.
+    fn total(&self, count: impl Fn(&Spread) -> usize) -> usize {
+        self.rotation.iter().chain(&self.bundle).map(count).sum()
     }
 
     /// Whether trustweave-sds serves it (the smoke run holds those to no stream lost).
