@@ -211,6 +211,25 @@ impl Envoy {
         self.certs_serials("ca_cert").await
     }
 
+    /// When each certificate chain Envoy holds expires (its leaf's
+    /// `expiration_time` in `/certs`).
+    pub async fn cert_expirations(&self) -> Vec<std::time::SystemTime> {
+        let certs: Value =
+            serde_json::from_str(&self.admin_get("/certs").await).expect("certs json");
+        certs["certificates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["cert_chain"].get(0)?["expiration_time"].as_str())
+            .map(|at| {
+                let at =
+                    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                        .unwrap_or_else(|e| panic!("{}: expiration_time {at:?}: {e}", self.name));
+                std::time::SystemTime::from(at)
+            })
+            .collect()
+    }
+
     async fn certs_serials(&self, field: &str) -> Vec<String> {
         let certs: Value =
             serde_json::from_str(&self.admin_get("/certs").await).expect("certs json");

@@ -312,6 +312,55 @@ plugins {{
             .with_context(|| format!("entry create: no entry id in {out}"))
     }
 
+    /// Updates the entry `id` with its own fields: SPIRE bumps its revision
+    /// and the agent re-issues its SVID at its next sync, whatever the old
+    /// SVID's age (`cache::UpdateEntries` marks a changed revision stale).
+    pub async fn reissue_entry(&self, id: &str) -> anyhow::Result<()> {
+        let out = self
+            .cli(&["entry", "show", "-entryID", id, "-output", "json"])
+            .await?;
+        let value: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("entry show printed {out:?}"))?;
+        let entry = &value["entries"][0];
+        let id_string = |field: &str| -> anyhow::Result<String> {
+            let id = &entry[field];
+            match (id["trust_domain"].as_str(), id["path"].as_str()) {
+                (Some(td), Some(path)) => Ok(format!("spiffe://{td}{path}")),
+                _ => anyhow::bail!("entry show: no {field} in {out}"),
+            }
+        };
+        let (parent_id, spiffe_id) = (id_string("parent_id")?, id_string("spiffe_id")?);
+        let selectors: Vec<String> = entry["selectors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| Some(format!("{}:{}", s["type"].as_str()?, s["value"].as_str()?)))
+            .collect();
+        let federates_with: Vec<&str> = entry["federates_with"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|td| td.as_str())
+            .collect();
+        let mut args = vec![
+            "entry",
+            "update",
+            "-entryID",
+            id,
+            "-parentID",
+            &parent_id,
+            "-spiffeID",
+            &spiffe_id,
+        ];
+        for selector in &selectors {
+            args.extend(["-selector", selector]);
+        }
+        for td in &federates_with {
+            args.extend(["-federatesWith", td]);
+        }
+        self.cli(&args).await.map(drop)
+    }
+
     /// Deletes the entry `id`.
     pub async fn delete_entry(&self, id: &str) -> anyhow::Result<()> {
         self.cli(&["entry", "delete", "-entryID", id])
