@@ -353,9 +353,46 @@ def test_connection_managers_give_the_filter_the_certificate_and_normalized_path
 
 
 def test_l4_sidecar_connects_upstream_only_after_the_filter_decided():
-    (tcp,) = [p["patch"]["value"]["typed_config"] for name, p in envoy_filter_patches()
-              if name == "envoyfilter-sidecar-network.yaml" and p["patch"]["operation"] == "MERGE"]
-    assert tcp["upstream_connect_mode"] == "ON_DOWNSTREAM_DATA" and tcp["max_early_data_bytes"] > 0
+    for source in ["envoyfilter-sidecar-network.yaml", "envoyfilter-sidecar-tcp-rbac.yaml"]:
+        (tcp,) = [p["patch"]["value"]["typed_config"] for name, p in envoy_filter_patches()
+                  if name == source and p["patch"]["operation"] == "MERGE"]
+        assert tcp["upstream_connect_mode"] == "ON_DOWNSTREAM_DATA" and tcp["max_early_data_bytes"] > 0, source
+
+
+def selector(path):
+    (doc,) = yaml.safe_load_all(path.read_text())
+    return doc["spec"].get("selector", {}).get("matchLabels") or doc["spec"]["workloadSelector"]["labels"]
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_every_install_path_enforces_the_caller_policy_on_tcp_chains(cloud):
+    """A WasmPlugin is HTTP only: each path's pods also get a filter before tcp_proxy."""
+    istiod = yaml.safe_load((ISTIO / "values" / f"istiod-{cloud}.yaml").read_text())
+    trust_domain = istiod["meshConfig"]["trustDomain"]
+    here = ISTIO / "clouds" / cloud
+    tcp_for = {
+        "wasmplugin-oci.yaml": here / "envoyfilter-sidecar-tcp-rbac.yaml",
+        "wasmplugin-rego.yaml": here / "envoyfilter-sidecar-tcp-rbac.yaml",
+        "wasmplugin-file.yaml": ISTIO / "envoyfilter-sidecar-network.yaml",
+    }
+    for plugin, tcp in tcp_for.items():
+        (doc,) = yaml.safe_load_all((here / plugin).read_text())
+        assert doc["spec"]["type"] == "HTTP", plugin
+        # Every pod the HTTP plugin selects is selected for TCP too.
+        assert selector(tcp).items() <= selector(here / plugin).items(), (plugin, tcp.name)
+        inserted = [p for p in yaml.safe_load((tcp).read_text())["spec"]["configPatches"]
+                    if p["patch"]["operation"] == "INSERT_BEFORE"]
+        assert [p["match"]["context"] for p in inserted] == ["SIDECAR_INBOUND"], tcp.name
+        assert inserted[0]["match"]["listener"]["filterChain"]["filter"]["name"] == "envoy.filters.network.tcp_proxy"
+    # The RBAC copy is l4-identity-policy.json for this cloud: same trust domain, nothing else.
+    l4 = json.loads((REPO / "filter" / "examples" / "l4-identity-policy.json").read_text())
+    assert l4["default_action"] == "DENY" and l4["policies"] == [
+        {"name": "same-trust-domain-tcp", "action": "ALLOW", "rules": [{"from": {"same_trust_domain": True}}]}]
+    (rbac,) = [p["patch"]["value"]["typed_config"] for p in yaml.safe_load(tcp_for["wasmplugin-oci.yaml"].read_text())["spec"]["configPatches"]
+               if p["patch"]["operation"] == "INSERT_BEFORE"]
+    assert rbac["rules"] == {"action": "ALLOW", "policies": {"same-trust-domain-tcp": {
+        "permissions": [{"any": True}],
+        "principals": [{"authenticated": {"principal_name": {"prefix": f"spiffe://{trust_domain}/"}}}]}}}
 
 
 def allows_egress(policy, port):

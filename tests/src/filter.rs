@@ -109,6 +109,20 @@ pub fn istio_filter(file: &str) -> Value {
     entry
 }
 
+/// The network filter an Istio EnvoyFilter in `istio/` inserts before
+/// `tcp_proxy`, as it is (one with no module file, e.g. the TCP RBAC filter).
+pub fn istio_tcp_filter(file: &str) -> Value {
+    config_patches(file)
+        .into_iter()
+        .find(|p| {
+            p["patch"]["operation"] == "INSERT_BEFORE"
+                && p["match"]["listener"]["filterChain"]["filter"]["name"]
+                    == "envoy.filters.network.tcp_proxy"
+        })
+        .map(|p| p["patch"]["value"].clone())
+        .unwrap_or_else(|| panic!("istio/{file} inserts nothing before tcp_proxy"))
+}
+
 /// The fields an Istio EnvoyFilter in `istio/` MERGEs into the typed config of
 /// the network filter `filter` (e.g. the HCM's XFCC and path normalization).
 pub fn istio_merged_fields(file: &str, filter: &str) -> serde_json::Map<String, Value> {
@@ -165,6 +179,8 @@ pub const SIDECAR_HTTP: &str = "envoyfilter-sidecar-http.yaml";
 pub const SIDECAR_HCM: &str = "envoyfilter-sidecar-hcm.yaml";
 /// `istio/` file: sidecar inbound, TCP.
 pub const SIDECAR_NETWORK: &str = "envoyfilter-sidecar-network.yaml";
+/// `istio/` file: sidecar inbound, TCP, for the OCI install paths (RBAC), GCP's copy.
+pub const SIDECAR_TCP_RBAC: &str = "clouds/gcp/envoyfilter-sidecar-tcp-rbac.yaml";
 /// `istio/` file: TLS-terminating east-west gateway.
 pub const GATEWAY_HTTP: &str = "envoyfilter-gateway-http.yaml";
 /// `istio/` file: passthrough east-west gateway.
@@ -397,10 +413,61 @@ pub fn tcp_with_identity(
     )
 }
 
+/// Istio's inbound listener for a port whose protocol it auto-detects, under
+/// STRICT mTLS (pilot `filterchain_options.go`,
+/// `inboundStrictFilterChainMatchOptions`): TLS offering Istio's HTTP ALPN
+/// goes to the connection manager with `http_filter`, to `http_upstream`; any
+/// other TLS to `tcp_filter` and `tcp_proxy` (with what `tcp_file` merges into
+/// it), to `tcp_upstream`.
+pub fn auto_detected_port(
+    svid: &IssuedSvid,
+    trusted: &[&TrustDomainCa],
+    (http_filter, http_upstream): (Value, SocketAddr),
+    (tcp_filter, tcp_file, tcp_upstream): (Value, &str, SocketAddr),
+) -> Value {
+    let listener = json!({
+        "name": LISTENER,
+        "address": loopback_any_port(),
+        "listener_filters": [{
+            "name": "envoy.filters.listener.tls_inspector",
+            "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" }
+        }],
+        "filter_chains": [
+            {
+                "filter_chain_match": {
+                    "transport_protocol": "tls",
+                    "application_protocols": ["istio-http/1.0", "istio-http/1.1", "istio-h2"]
+                },
+                "transport_socket": downstream_tls(svid, trusted),
+                "filters": [hcm("inbound", Some(SIDECAR_HCM), vec![http_filter, router()], "app")]
+            },
+            {
+                "filter_chain_match": { "transport_protocol": "tls" },
+                "transport_socket": downstream_tls(svid, trusted),
+                "filters": [tcp_filter, merged_tcp_proxy(tcp_file, "tcp-app")]
+            }
+        ]
+    });
+    bootstrap(
+        "auto-detected",
+        json!({}),
+        vec![listener],
+        vec![
+            cluster("app", http_upstream, None),
+            cluster("tcp-app", tcp_upstream, None),
+        ],
+    )
+}
+
 /// `tcp_proxy` with what Istio's sidecar network EnvoyFilter merges into it.
 fn sidecar_tcp_proxy(cluster: &str) -> Value {
+    merged_tcp_proxy(SIDECAR_NETWORK, cluster)
+}
+
+/// `tcp_proxy` with what the EnvoyFilter `file` merges into it.
+fn merged_tcp_proxy(file: &str, cluster: &str) -> Value {
     let mut proxy = tcp_proxy(cluster);
-    for (key, value) in istio_merged_fields(SIDECAR_NETWORK, "envoy.filters.network.tcp_proxy") {
+    for (key, value) in istio_merged_fields(file, "envoy.filters.network.tcp_proxy") {
         proxy["typed_config"][key] = value;
     }
     proxy

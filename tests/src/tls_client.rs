@@ -119,9 +119,18 @@ pub async fn exchange(
     data: &[u8],
     want: usize,
 ) -> std::io::Result<Vec<u8>> {
+    exchange_with(connector(client), addr, data, want).await
+}
+
+async fn exchange_with(
+    connector: TlsConnector,
+    addr: SocketAddr,
+    data: &[u8],
+    want: usize,
+) -> std::io::Result<Vec<u8>> {
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from("trustweave.test").expect("server name");
-    let mut tls = connector(client).connect(name, tcp).await?;
+    let mut tls = connector.connect(name, tcp).await?;
     tls.write_all(data).await?;
     let mut out = Vec::new();
     let read = async {
@@ -154,6 +163,40 @@ pub async fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> std::io::Result<HttpResponse> {
+    let raw = exchange(
+        addr,
+        client,
+        &request_head(method, path, headers),
+        usize::MAX,
+    )
+    .await?;
+    crate::http::parse(&raw).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response")
+    })
+}
+
+/// Sends one HTTP/1.1 GET over mTLS presenting `client` and offering `alpn`
+/// (Istio's client sidecars offer `istio-http/1.1` to reach an HTTP chain).
+pub async fn request_with_alpn(
+    addr: SocketAddr,
+    client: &IssuedSvid,
+    alpn: &[u8],
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
+    let raw = exchange_with(
+        connector_with_alpn(client, vec![alpn.to_vec()]),
+        addr,
+        &request_head("GET", path, headers),
+        usize::MAX,
+    )
+    .await?;
+    crate::http::parse(&raw).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response")
+    })
+}
+
+fn request_head(method: &str, path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nhost: inventory.gcp.internal\r\nconnection: close\r\n"
     );
@@ -161,10 +204,7 @@ pub async fn request(
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
-    let raw = exchange(addr, client, head.as_bytes(), usize::MAX).await?;
-    crate::http::parse(&raw).ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response")
-    })
+    head.into_bytes()
 }
 
 /// Sends a raw HTTP/1.1 request head (any bytes, e.g. obs-text values or

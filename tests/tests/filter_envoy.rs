@@ -270,6 +270,83 @@ async fn l4_deny_closes_the_connection_before_any_byte_reaches_the_upstream() {
     );
 }
 
+/// A port whose protocol Istio auto-detects has a TCP chain beside its HTTP
+/// chain (mTLS without Istio's HTTP ALPN). The caller policy holds on it with
+/// every install path's TCP enforcer: the L4 filter (EnvoyFilter and file
+/// paths) and the RBAC filter (OCI and Rego paths); the HTTP chain stays the
+/// HTTP policy's (a federated caller keeps its actions there).
+#[tokio::test]
+async fn the_tcp_chain_of_an_auto_detected_port_enforces_the_caller_policy() {
+    let enforcers = [
+        (
+            filter::istio_filter(filter::SIDECAR_NETWORK),
+            filter::SIDECAR_NETWORK,
+            "trustweave.denied",
+        ),
+        (
+            filter::istio_tcp_filter(filter::SIDECAR_TCP_RBAC),
+            filter::SIDECAR_TCP_RBAC,
+            "trustweave_tcp.rbac.denied",
+        ),
+    ];
+    for (tcp_filter, tcp_file, denied_stat) in enforcers {
+        let pki = Pki::new();
+        let dir = sds::socket_dir();
+        let counter = ByteCounter::start().await;
+        let echo = trustweave_e2e::upstream::start_header_echo().await;
+        let bootstrap = filter::auto_detected_port(
+            &pki.svid(WORKER),
+            &pki.all(),
+            (shipped_sidecar_filter(), echo),
+            (tcp_filter, tcp_file, counter.addr),
+        );
+        let (envoy, addr) = start(&dir, "auto", &bootstrap).await;
+
+        // HTTP chain: the federated caller's listed action is allowed.
+        let http = tls_client::request_with_alpn(
+            addr,
+            &pki.svid(CATALOG),
+            b"istio-http/1.1",
+            "/items",
+            &[("x-trustweave-action", "inventory.read")],
+        )
+        .await
+        .expect("HTTP chain");
+        assert_eq!(
+            one(&received(&http), "x-trustweave-caller"),
+            Some(CATALOG),
+            "{tcp_file}: the HTTP chain decides by the HTTP policy"
+        );
+
+        // TCP chain: same trust domain through, the federated caller refused.
+        let echoed = tls_client::exchange(addr, &pki.svid(GCP_PEER), b"hello", 5)
+            .await
+            .expect("allowed");
+        assert_eq!(echoed, b"hello", "{tcp_file}: the same trust domain passes");
+        let refused = tls_client::exchange(addr, &pki.svid(CATALOG), b"inventory.read", 14).await;
+        assert!(
+            refused.as_ref().map(|b| b.is_empty()).unwrap_or(true),
+            "{tcp_file}: closed, nothing answered: {refused:?}"
+        );
+        wait_until(
+            &format!("{tcp_file}: the denial is counted ({denied_stat})"),
+            Duration::from_secs(5),
+            || async {
+                envoy
+                    .admin_get(&format!("/stats?filter={denied_stat}"))
+                    .await
+                    .contains(&format!("{denied_stat}: 1"))
+            },
+        )
+        .await;
+        assert_eq!(
+            counter.received(),
+            5,
+            "{tcp_file}: no byte of the refused connection reached the app"
+        );
+    }
+}
+
 #[tokio::test]
 async fn passthrough_gateway_allows_only_exported_snis() {
     let pki = Pki::new();
