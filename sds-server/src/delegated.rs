@@ -153,7 +153,7 @@ pub fn split_certificates(
         if certificates.len() == max {
             return Err(AgentDataError::TooMany {
                 field,
-                count: certificates.len() + 1,
+                count: certificates.len().saturating_add(1),
                 max,
             });
         }
@@ -162,7 +162,9 @@ pub fn split_certificates(
                 field,
                 reason: e.to_string(),
             })?;
-        certificates.push(der[..der.len() - rest.len()].to_vec());
+        // `rest` is what follows this certificate in `der`.
+        let (certificate, _) = der.split_at(der.len().saturating_sub(rest.len()));
+        certificates.push(certificate.to_vec());
         der = rest;
     }
     Ok(certificates)

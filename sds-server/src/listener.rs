@@ -205,8 +205,11 @@ impl AsyncRead for Connection {
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
-                    let deadline = Instant::now() + self.idle_timeout;
-                    self.idle.as_mut().reset(deadline);
+                    match Instant::now().checked_add(self.idle_timeout) {
+                        Some(deadline) => self.idle.as_mut().reset(deadline),
+                        // Too far to represent: `sleep` saturates it.
+                        None => self.idle = Box::pin(tokio::time::sleep(self.idle_timeout)),
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
@@ -273,7 +276,7 @@ impl Acceptor {
                         debug!(%error, "still cannot accept SDS connections");
                     }
                     tokio::time::sleep(self.backoff).await;
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
+                    self.backoff = self.backoff.saturating_mul(2).min(Duration::from_secs(1));
                     continue;
                 }
             };

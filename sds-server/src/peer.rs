@@ -53,7 +53,7 @@ pub fn start_time(pid: u32) -> io::Result<u64> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/<pid>/stat");
     let after_name = stat.rfind(')').ok_or_else(bad)?;
     // Fields after the name start at field 3 (state); the start time is field 22.
-    stat.get(after_name + 1..)
+    stat.get(after_name.saturating_add(1)..)
         .ok_or_else(bad)?
         .split_ascii_whitespace()
         .nth(22 - 3)
@@ -220,7 +220,7 @@ impl ProcessPins {
             }
         }
         self.pinned.insert(pid, Arc::downgrade(&handle));
-        self.inserted += 1;
+        self.inserted = self.inserted.wrapping_add(1);
         if self.inserted.is_multiple_of(1024) {
             self.pinned.retain(|_, held| held.strong_count() > 0);
         }

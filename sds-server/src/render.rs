@@ -311,7 +311,7 @@ pub fn content_version<'a>(items: impl IntoIterator<Item = (&'a str, &'a [u8])>)
         hasher.update(bytes);
     }
     let digest = hasher.finalize();
-    digest[..8].iter().fold(String::new(), |mut s, b| {
+    digest.iter().take(8).fold(String::new(), |mut s, b| {
         let _ = write!(s, "{b:02x}");
         s
     })

@@ -123,8 +123,10 @@ impl CertFacts {
         let validity = cert.validity();
         let facts = Self {
             serial_hex: hex::encode(cert.raw_serial()),
-            not_before: to_system_time(validity.not_before.timestamp()),
-            not_after: to_system_time(validity.not_after.timestamp()),
+            not_before: to_system_time(validity.not_before.timestamp())
+                .ok_or("notBefore is out of range")?,
+            not_after: to_system_time(validity.not_after.timestamp())
+                .ok_or("notAfter is out of range")?,
         };
         Ok((facts, cert.public_key().subject_public_key.data.to_vec()))
     }
@@ -135,12 +137,13 @@ impl CertFacts {
     }
 }
 
-fn to_system_time(unix_seconds: i64) -> SystemTime {
+/// `None` if the platform's clock cannot represent it.
+fn to_system_time(unix_seconds: i64) -> Option<SystemTime> {
     let secs = std::time::Duration::from_secs(unix_seconds.unsigned_abs());
     if unix_seconds >= 0 {
-        SystemTime::UNIX_EPOCH + secs
+        SystemTime::UNIX_EPOCH.checked_add(secs)
     } else {
-        SystemTime::UNIX_EPOCH - secs
+        SystemTime::UNIX_EPOCH.checked_sub(secs)
     }
 }
 
@@ -176,7 +179,7 @@ impl Svid {
                 reason,
             }
         })?;
-        for der in &chain_der[1..] {
+        for der in chain_der.iter().skip(1) {
             CertFacts::from_der(der).map_err(|reason| SnapshotError::BadCertificate {
                 owner: spiffe_id.clone(),
                 reason,
@@ -339,10 +342,10 @@ mod tests {
 
     #[test]
     fn negative_unix_times_are_before_the_epoch() {
-        assert!(to_system_time(-5) < SystemTime::UNIX_EPOCH);
+        assert!(to_system_time(-5) < Some(SystemTime::UNIX_EPOCH));
         assert_eq!(
             to_system_time(5),
-            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(5)
+            Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(5))
         );
     }
 }

@@ -91,8 +91,8 @@ impl Backoff {
     pub(crate) fn next_delay(&mut self) -> Duration {
         let span = self.ceiling.saturating_sub(self.min);
         let jitter = span.mul_f64(fastrand::f64());
-        self.ceiling = (self.ceiling * 2).min(self.max);
-        self.min + jitter
+        self.ceiling = self.ceiling.saturating_mul(2).min(self.max);
+        self.min.saturating_add(jitter)
     }
 }
 

@@ -159,7 +159,9 @@ impl WorkloadState {
             }
             Event::Svids(update) => {
                 if !matches!(self.grant, Grant::Granted(_)) {
-                    notes.push(Note::Attested(update.svids[0].spiffe_id.clone()));
+                    if let Some(first) = update.svids.first() {
+                        notes.push(Note::Attested(first.spiffe_id.clone()));
+                    }
                 }
                 self.grant = Grant::Granted(update);
             }

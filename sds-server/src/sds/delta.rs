@@ -57,9 +57,9 @@ impl DeltaStream {
         let versions: usize = self
             .client_versions
             .iter()
-            .map(|(name, version)| name.len() + version.len())
+            .map(|(name, version)| name.len().saturating_add(version.len()))
             .sum();
-        names + versions
+        names.saturating_add(versions)
     }
 
     /// Names this stream is explicitly subscribed to (for limits).

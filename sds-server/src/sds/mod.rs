@@ -109,18 +109,22 @@ fn truncate(name: &str) -> String {
     if name.len() <= LOG_NAME_MAX {
         return name.to_string();
     }
-    let mut end = LOG_NAME_MAX;
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…({} bytes)", &name[..end], name.len())
+    let end = (0..=LOG_NAME_MAX)
+        .rev()
+        .find(|&i| name.is_char_boundary(i))
+        .unwrap_or(0);
+    format!(
+        "{}…({} bytes)",
+        name.get(..end).unwrap_or_default(),
+        name.len()
+    )
 }
 
 /// Names for a log line: at most 8, each truncated.
 fn names_for_log(names: &[String]) -> Vec<String> {
     let mut shown: Vec<String> = names.iter().take(8).map(|n| truncate(n)).collect();
     if names.len() > 8 {
-        shown.push(format!("…{} more", names.len() - 8));
+        shown.push(format!("…{} more", names.len().saturating_sub(8)));
     }
     shown
 }
@@ -149,7 +153,10 @@ pub struct NonceSource(AtomicU64);
 impl NonceSource {
     /// The next nonce.
     pub fn next(&self) -> String {
-        (self.0.fetch_add(1, Ordering::Relaxed) + 1).to_string()
+        self.0
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1)
+            .to_string()
     }
 }
 
@@ -458,7 +465,10 @@ fn spawn_stream<P: Protocol>(
     mut inbound: Streaming<P::Request>,
 ) -> ResponseStream<P::Response> {
     let (tx, rx) = mpsc::channel(4);
-    let id = shared.stream_ids.fetch_add(1, Ordering::Relaxed) + 1;
+    let id = shared
+        .stream_ids
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_add(1);
     let span = tracing::info_span!("sds_stream", id, protocol = P::NAME);
     tokio::spawn(
         async move {

@@ -60,7 +60,7 @@ pub fn scan(bytes: &[u8]) -> Result<(), ScanError> {
         let distinct = per_field.len();
         match per_field.iter_mut().find(|(f, _)| *f == field) {
             Some((_, count)) => {
-                *count += 1;
+                *count = count.saturating_add(1);
                 if *count > MAX_NAMES {
                     return Err(ScanError::TooManyEntries {
                         field,
@@ -72,7 +72,10 @@ pub fn scan(bytes: &[u8]) -> Result<(), ScanError> {
             None if distinct >= 64 => return Err(ScanError::Malformed),
             None => per_field.push((field, 1)),
         }
-        elements += 1 + body.map_or(0, |b| nested_elements(b, 1, MAX_ELEMENTS - elements));
+        let inside = body.map_or(0, |b| {
+            nested_elements(b, 1, MAX_ELEMENTS.saturating_sub(elements))
+        });
+        elements = elements.saturating_add(1).saturating_add(inside);
         if elements > MAX_ELEMENTS {
             return Err(ScanError::TooManyElements);
         }
@@ -93,9 +96,11 @@ fn nested_elements(bytes: &[u8], depth: usize, budget: usize) -> usize {
             return 0;
         };
         rest = after;
-        count += 1;
+        count = count.saturating_add(1);
         if let Some(body) = body {
-            count += nested_elements(body, depth + 1, budget.saturating_sub(count));
+            let inside =
+                nested_elements(body, depth.saturating_add(1), budget.saturating_sub(count));
+            count = count.saturating_add(inside);
         }
         if count > budget {
             return count;
@@ -127,10 +132,10 @@ fn next_field(bytes: &[u8]) -> Option<Field<'_>> {
 
 fn varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let mut value = 0u64;
-    for (i, byte) in bytes.iter().enumerate().take(10) {
-        value |= u64::from(byte & 0x7f) << (7 * i);
+    for ((i, byte), shift) in bytes.iter().enumerate().take(10).zip((0u32..).step_by(7)) {
+        value |= u64::from(byte & 0x7f).checked_shl(shift).unwrap_or(0);
         if byte & 0x80 == 0 {
-            return Some((value, bytes.get(i + 1..)?));
+            return Some((value, bytes.get(i.saturating_add(1)..)?));
         }
     }
     None

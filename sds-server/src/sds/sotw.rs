@@ -143,9 +143,9 @@ impl SotwStream {
         let sent: usize = self
             .sent
             .iter()
-            .map(|(name, version)| name.len() + version.len())
+            .map(|(name, version)| name.len().saturating_add(version.len()))
             .sum();
-        names + sent
+        names.saturating_add(sent)
     }
 
     /// Names this stream is subscribed to (for limits and logs); `None` for a wildcard.
