@@ -46,12 +46,12 @@ test: setup lint wasm
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	cargo clippy -p trustweave-filter --lib --target wasm32-wasip1 --no-default-features -- -D warnings
-	cargo clippy -p trustweave-filter --lib --target wasm32-wasip1 -- -D warnings
+	cargo clippy -p trustweave-filter -p trustweave-engine --lib --target wasm32-wasip1 --no-default-features -- -D warnings
+	cargo clippy -p trustweave-filter -p trustweave-engine --lib --target wasm32-wasip1 -- -D warnings
 
 ## Benchmarks print figures side by side (no timing assertions in tests).
 bench:
-	cargo run --release -p trustweave-filter --example policy_size_bench
+	cargo run --release -p trustweave-engine --example policy_size_bench
 
 ## Server Envoy CPU per request: no filter, Envoy RBAC, trustweave-filter, dry run (writes BENCHMARKS.md).
 ## SDS fan-out: 100, 1,000 and 10,000 Envoy-like clients per pod and per node;

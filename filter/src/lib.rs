@@ -1,9 +1,10 @@
 //! trustweave-filter: SPIFFE-ID authorization and cloud/region annotation for
 //! Envoy, as a proxy-wasm filter.
 //!
-//! [`engine`] holds every decision and is plain Rust (tested natively, shared
-//! with the `trustweave-policy` CLI); `shim` (wasm only) reads Envoy's
-//! properties and headers, calls the engine, and acts.
+//! A thin shim: every decision is in the `trustweave-engine` crate, plain
+//! Rust with no proxy-wasm dependency (so it cannot make a host call, tested
+//! natively, the same engine the `trustweave-policy` CLI runs); `shim` (wasm
+//! only) reads Envoy's properties and headers, calls the engine, and acts.
 
 #![forbid(unsafe_code)]
 // A panic traps the VM for that worker: the compiler rules out what could panic
@@ -25,8 +26,6 @@
         clippy::arithmetic_side_effects
     )
 )]
-
-pub mod engine;
 
 #[cfg(target_arch = "wasm32")]
 mod shim;

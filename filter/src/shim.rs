@@ -14,13 +14,13 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
-use crate::engine::annotate::NodeFacts;
-use crate::engine::certificate::CertCache;
-use crate::engine::config::{self, Config, Layer, UriSanCheck};
-use crate::engine::headers::Headers;
-use crate::engine::identity::{EnvoyCertificates, PeerFacts};
-use crate::engine::metrics::{self, MetricSink};
-use crate::engine::{evaluate_http, evaluate_network, HttpInput, NetworkInput, DENY_BODY};
+use trustweave_engine::annotate::NodeFacts;
+use trustweave_engine::certificate::CertCache;
+use trustweave_engine::config::{self, Config, Layer, UriSanCheck};
+use trustweave_engine::headers::Headers;
+use trustweave_engine::identity::{EnvoyCertificates, PeerFacts};
+use trustweave_engine::metrics::{self, MetricSink};
+use trustweave_engine::{evaluate_http, evaluate_network, HttpInput, NetworkInput, DENY_BODY};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);

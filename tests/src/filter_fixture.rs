@@ -171,7 +171,7 @@ pub fn hcm_config(bootstrap: &mut Value) -> &mut Value {
 
 /// The SHA-256 Envoy computes for a leaf certificate (`Hash=` in XFCC).
 pub fn digest(svid: &IssuedSvid) -> String {
-    trustweave_filter::engine::certificate::sha256_hex(&svid.leaf_der)
+    trustweave_engine::certificate::sha256_hex(&svid.leaf_der)
 }
 
 /// An XFCC element as Envoy writes it for `svid` (`By`, `Hash`, `Cert`, `URI`).
@@ -180,7 +180,7 @@ pub fn xfcc_element(by: &str, svid: &IssuedSvid) -> String {
     format!(
         "By={by};Hash={};Cert=\"{}\";URI={}",
         digest(svid),
-        trustweave_filter::engine::certificate::url_encode_pem(&pem),
+        trustweave_engine::certificate::url_encode_pem(&pem),
         svid.spiffe_id
     )
 }

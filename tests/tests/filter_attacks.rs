@@ -137,7 +137,7 @@ async fn xfcc_text_never_decides_the_peers_identity() {
     let other = pki.svid(GCP_PEER).cert_pem();
     let copied = format!(
         "Cert=\"{}\"",
-        trustweave_filter::engine::certificate::url_encode_pem(&other)
+        trustweave_engine::certificate::url_encode_pem(&other)
     );
     assert_eq!(
         status(

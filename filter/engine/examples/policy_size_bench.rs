@@ -1,6 +1,6 @@
 //! Benchmark: per-request decision cost against policy size.
 //!
-//! `cargo run --release -p trustweave-filter --example policy_size_bench`
+//! `cargo run --release -p trustweave-engine --example policy_size_bench`
 //! prints, side by side, the mean cost of one full HTTP evaluation (identity,
 //! decision, annotation) for policies holding 10 to 100 000 principals, as
 //! exact IDs, prefixes and suffixes. With hash sets keyed by value and by
@@ -8,10 +8,10 @@
 
 use std::time::Instant;
 
-use trustweave_filter::engine::annotate::NodeFacts;
-use trustweave_filter::engine::headers::Headers;
-use trustweave_filter::engine::identity::StatedCertificates;
-use trustweave_filter::engine::{config, evaluate_http, HttpInput};
+use trustweave_engine::annotate::NodeFacts;
+use trustweave_engine::headers::Headers;
+use trustweave_engine::identity::StatedCertificates;
+use trustweave_engine::{config, evaluate_http, HttpInput};
 
 fn policy(n: usize) -> String {
     let exact: Vec<String> = (0..n)

@@ -5,12 +5,12 @@
 
 use std::time::Instant;
 
-use trustweave_filter::engine::annotate::NodeFacts;
-use trustweave_filter::engine::certificate::CertCache;
-use trustweave_filter::engine::config;
-use trustweave_filter::engine::headers::Headers;
-use trustweave_filter::engine::identity::{EnvoyCertificates, PeerFacts};
-use trustweave_filter::engine::{evaluate_http, HttpInput};
+use trustweave_engine::annotate::NodeFacts;
+use trustweave_engine::certificate::CertCache;
+use trustweave_engine::config;
+use trustweave_engine::headers::Headers;
+use trustweave_engine::identity::{EnvoyCertificates, PeerFacts};
+use trustweave_engine::{evaluate_http, HttpInput};
 
 const DIGEST: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
 
@@ -19,7 +19,8 @@ fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(200_000);
-    let config = config::parse(include_bytes!("multi-cloud-policy.json")).expect("example");
+    let config =
+        config::parse(include_bytes!("../../examples/multi-cloud-policy.json")).expect("example");
     let xfcc = format!(
         "By=spiffe://gcp.company.com/region/gcp-us-central1/worker-1;Hash={DIGEST};Cert=\"{}\";URI=spiffe://gcp.company.com/ns/billing/sa/invoicer",
         "A".repeat(2000)

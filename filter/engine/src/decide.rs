@@ -129,11 +129,11 @@ pub fn decide(config: &Config, facts: &Facts<'_>) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::annotate::Place;
-    use crate::engine::config::parse;
-    use crate::engine::headers::Headers;
-    use crate::engine::policy::{Caller, Local};
-    use crate::engine::spiffe_id::SpiffeId;
+    use crate::annotate::Place;
+    use crate::config::parse;
+    use crate::headers::Headers;
+    use crate::policy::{Caller, Local};
+    use crate::spiffe_id::SpiffeId;
 
     fn caller(id: &str, region: Option<&str>) -> Caller {
         Caller {

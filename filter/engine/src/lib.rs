@@ -1,5 +1,29 @@
-//! The decision engine: pure Rust, no host calls. The proxy-wasm shim and the
-//! `trustweave-policy` CLI both call [`evaluate_http`] / [`evaluate_network`].
+//! trustweave-filter's decision engine: pure Rust, no host calls (the crate
+//! does not depend on proxy-wasm). The proxy-wasm shim (`trustweave-filter`)
+//! and the `trustweave-policy` CLI both call [`evaluate_http`] /
+//! [`evaluate_network`].
+
+#![forbid(unsafe_code)]
+// The engine runs inside the wasm VM, where a panic traps the VM for that
+// worker: the compiler rules out what could panic on request data (tests may
+// still assert with unwrap and indexing).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 pub mod annotate;
 pub mod certificate;

@@ -16,7 +16,7 @@ fn policy(args: &[&str]) -> (i32, String, String) {
 
 const EXAMPLE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/examples/multi-cloud-policy.json"
+    "/../examples/multi-cloud-policy.json"
 );
 
 #[test]

@@ -2,13 +2,13 @@
 //! hands them over: the connection's digest, and XFCC text a client can shape.
 
 use rcgen::{CertificateParams, KeyPair, SanType};
-use trustweave_filter::engine::annotate::NodeFacts;
-use trustweave_filter::engine::certificate::{sha256_hex, url_encode_pem, CertCache};
-use trustweave_filter::engine::config::{self, Config};
-use trustweave_filter::engine::decide::Reason;
-use trustweave_filter::engine::headers::Headers;
-use trustweave_filter::engine::identity::{resolve, EnvoyCertificates, PeerFacts, Resolved};
-use trustweave_filter::engine::{evaluate_http, HttpInput, XFCC};
+use trustweave_engine::annotate::NodeFacts;
+use trustweave_engine::certificate::{sha256_hex, url_encode_pem, CertCache};
+use trustweave_engine::config::{self, Config};
+use trustweave_engine::decide::Reason;
+use trustweave_engine::headers::Headers;
+use trustweave_engine::identity::{resolve, EnvoyCertificates, PeerFacts, Resolved};
+use trustweave_engine::{evaluate_http, HttpInput, XFCC};
 
 const PEER: &str = "spiffe://gcp.company.com/ns/billing/sa/invoicer";
 const ORCHESTRATOR: &str = "spiffe://aws.company.com/ns/ops/sa/orchestrator";
@@ -264,11 +264,11 @@ fn rego_dry_run_reports_and_never_enforces() {
                 headers: Headers::from_text(&[(":path", "/"), ("x-trustweave-action", action)]),
                 ..HttpInput::default()
             },
-            &mut trustweave_filter::engine::identity::StatedCertificates::default(),
+            &mut trustweave_engine::identity::StatedCertificates::default(),
         )
         .decision
     };
-    use trustweave_filter::engine::decide::Shadow;
+    use trustweave_engine::decide::Shadow;
     let denied = evaluate("nope");
     assert!(denied.allowed, "dry run never enforces");
     assert_eq!(
@@ -286,7 +286,7 @@ fn evaluate(
     headers: Headers,
     digest: Option<&str>,
     unreadable: Option<&str>,
-) -> trustweave_filter::engine::HttpOutcome {
+) -> trustweave_engine::HttpOutcome {
     let mut cache = CertCache::default();
     evaluate_http(
         c,

@@ -3,16 +3,16 @@
 //! A short run (proptest's default case count) is part of `make test`.
 
 use proptest::prelude::*;
-use trustweave_filter::engine::annotate::NodeFacts;
-use trustweave_filter::engine::certificate::{
+use trustweave_engine::annotate::NodeFacts;
+use trustweave_engine::certificate::{
     forwarded_by_gateway, locate_peer, own_element, pem_to_der, percent_decode, CertCache,
 };
-use trustweave_filter::engine::config;
-use trustweave_filter::engine::headers::Headers;
-use trustweave_filter::engine::identity::{EnvoyCertificates, PeerFacts, StatedCertificates};
-use trustweave_filter::engine::pattern::PatternSet;
-use trustweave_filter::engine::spiffe_id::{SpiffeId, MAX_LEN};
-use trustweave_filter::engine::{evaluate_http, HttpInput};
+use trustweave_engine::config;
+use trustweave_engine::headers::Headers;
+use trustweave_engine::identity::{EnvoyCertificates, PeerFacts, StatedCertificates};
+use trustweave_engine::pattern::PatternSet;
+use trustweave_engine::spiffe_id::{SpiffeId, MAX_LEN};
+use trustweave_engine::{evaluate_http, HttpInput};
 
 /// The SPIFFE ID standard, written as plainly as possible.
 fn reference_spiffe_id(s: &str) -> bool {
@@ -124,7 +124,7 @@ proptest! {
         xfcc in any::<String>(),
         digest in prop::option::of("[0-9a-f]{64}"),
     ) {
-        let config = config::parse(include_bytes!("../examples/multi-cloud-policy.json"))
+        let config = config::parse(include_bytes!("../../examples/multi-cloud-policy.json"))
             .expect("example");
         let mut cache = CertCache::default();
         let mut headers = headers;

@@ -25,12 +25,12 @@ mod cli {
     use std::path::PathBuf;
 
     use clap::{Parser, Subcommand};
-    use trustweave_filter::engine::annotate::NodeFacts;
-    use trustweave_filter::engine::config::{self, Config, Layer};
-    use trustweave_filter::engine::decide::Decision;
-    use trustweave_filter::engine::headers::Headers;
-    use trustweave_filter::engine::identity::StatedCertificates;
-    use trustweave_filter::engine::{evaluate_http, evaluate_network, HttpInput, NetworkInput};
+    use trustweave_engine::annotate::NodeFacts;
+    use trustweave_engine::config::{self, Config, Layer};
+    use trustweave_engine::decide::Decision;
+    use trustweave_engine::headers::Headers;
+    use trustweave_engine::identity::StatedCertificates;
+    use trustweave_engine::{evaluate_http, evaluate_network, HttpInput, NetworkInput};
 
     /// Validate and try out trustweave-filter policies.
     #[derive(Parser, Debug)]
@@ -216,7 +216,7 @@ mod cli {
                 println!("  (removed) {name}");
             }
         } else {
-            println!("response: 403 {:?}", trustweave_filter::engine::DENY_BODY);
+            println!("response: 403 {:?}", trustweave_engine::DENY_BODY);
             for (name, value) in &outcome.deny_headers {
                 println!("  {name}: {value}");
             }
