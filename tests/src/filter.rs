@@ -345,6 +345,69 @@ pub fn sidecar(
     )
 }
 
+/// This GCP worker's sidecar with OPA-Envoy (`opa-envoy-plugin`, gRPC on the
+/// Unix socket `opa_socket`) as `ext_authz` first, then `filter`, then the
+/// router to `upstream`; the same connection manager on an mTLS listener
+/// (`LISTENER`) and a plaintext one (`plaintext`, callers without identity).
+pub fn sidecar_beside_ext_authz(
+    svid: &IssuedSvid,
+    trusted: &[&TrustDomainCa],
+    opa_socket: &std::path::Path,
+    filter: Value,
+    upstream: SocketAddr,
+) -> Value {
+    let ext_authz = json!({
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "failure_mode_allow": false,
+            "grpc_service": { "envoy_grpc": { "cluster_name": "opa" }, "timeout": "5s" }
+        }
+    });
+    let manager = || {
+        hcm(
+            "inbound",
+            Some(SIDECAR_HCM),
+            vec![ext_authz.clone(), filter.clone(), router()],
+            "app",
+        )
+    };
+    let listeners = vec![
+        json!({
+            "name": LISTENER,
+            "address": loopback_any_port(),
+            "filter_chains": [{ "transport_socket": downstream_tls(svid, trusted), "filters": [manager()] }]
+        }),
+        json!({
+            "name": "plaintext",
+            "address": loopback_any_port(),
+            "filter_chains": [{ "filters": [manager()] }]
+        }),
+    ];
+    let opa = json!({
+        "name": "opa",
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http2_protocol_options": {} }
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "opa",
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "pipe": { "path": opa_socket } } } }] }]
+        }
+    });
+    bootstrap(
+        "worker",
+        json!({ "locality": { "region": "us-central1", "zone": "us-central1-a" }, "metadata": { "CLOUD": "gcp" } }),
+        listeners,
+        vec![cluster("app", upstream, None), opa],
+    )
+}
+
 /// A plaintext inbound listener (no TLS: no caller identity) with Istio's sidecar HCM and `filter`.
 pub fn plaintext_sidecar(filter: Value, upstream: SocketAddr) -> Value {
     let listener = json!({

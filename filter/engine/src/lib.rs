@@ -305,8 +305,8 @@ impl Default for Verdict {
 fn decide_rego(policy: &rego::RegoPolicy, facts: &rego::RegoFacts<'_>) -> (Decision, Verdict) {
     let mut verdict = Verdict::default();
     let outcome = match rego::input(facts) {
-        None => rego::RegoDecision::Error("a header value is not UTF-8".into()),
-        Some(input) => {
+        Err(reason) => rego::RegoDecision::Error(reason.into()),
+        Ok(input) => {
             verdict.rego_input = Some(input.clone());
             policy.decide(input)
         }

@@ -221,17 +221,18 @@ fn opt(text: Option<&str>) -> Value {
 }
 
 /// Decodes a path segment (`%XX`; `+` stays), as Go's `url.PathUnescape`.
-fn decode_path(text: &str) -> String {
+fn decode_path(text: &str) -> Option<String> {
     decode(text, false)
 }
 
 /// Decodes a query component (`%XX`, `+` is a space), as Go's `url.ParseQuery`.
-fn decode_query(text: &str) -> String {
+fn decode_query(text: &str) -> Option<String> {
     decode(text, true)
 }
 
-/// Decodes `%XX` (invalid escapes stay as they are); `plus_is_space` for queries.
-fn decode(text: &str, plus_is_space: bool) -> String {
+/// Decodes `%XX`; `plus_is_space` for queries. `None` for an invalid escape
+/// (`%` without two hex digits), which Go's `url` package refuses.
+fn decode(text: &str, plus_is_space: bool) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut rest = bytes;
@@ -247,13 +248,14 @@ fn decode(text: &str, plus_is_space: bool) -> String {
                 out.push(decoded);
                 rest = tail.get(2..).unwrap_or_default();
             }
+            None if b == b'%' => return None,
             None => {
                 out.push(if plus_is_space && b == b'+' { b' ' } else { b });
                 rest = tail;
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Some(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Everything one request offers a Rego policy.
@@ -268,37 +270,50 @@ pub struct RegoFacts<'a> {
     pub local: &'a Local,
 }
 
-/// Builds the input document (documented in docs/filter.md). A request with a
-/// header value that is not UTF-8 gets `None`: the shim denies it.
-pub fn input(facts: &RegoFacts<'_>) -> Option<Value> {
+/// Builds the input document (documented in docs/filter.md), as OPA-Envoy
+/// builds it from the same request. What it cannot build from (a header value
+/// that is not UTF-8, a path with an invalid `%`-escape, which OPA-Envoy
+/// refuses too) is the error: the request is denied.
+pub fn input(facts: &RegoFacts<'_>) -> Result<Value, &'static str> {
+    const NOT_UTF8: &str = "a header value is not UTF-8";
     let mut header_map = BTreeMap::new();
     for (name, _) in facts.headers.entries() {
         if header_map.contains_key(&s(name)) {
             continue;
         }
-        let joined = facts.headers.joined_text(name)?;
+        let joined = facts.headers.joined_text(name).ok_or(NOT_UTF8)?;
         header_map.insert(s(name), Value::from(joined));
     }
     let first = |name: &str| facts.headers.joined_text(name);
     let method = first(":method");
     let path_and_query = first(":path").unwrap_or_default();
     let host = first(":authority").or_else(|| first("host"));
-    let (path, query) = path_and_query
+    // As OPA-Envoy (`getParsedPathAndQuery`): Go's `url.Parse` cuts the
+    // fragment, then the query; the path is decoded whole, then split after
+    // its leading slashes, empty segments kept (`/` is `[""]`).
+    let without_fragment = path_and_query.split('#').next().unwrap_or("");
+    let (path, query) = without_fragment
         .split_once('?')
-        .map_or((path_and_query.as_str(), ""), |(p, q)| (p, q));
-    let path = path.split('#').next().unwrap_or("");
-    let parsed_path: Vec<Value> = path
+        .unwrap_or((without_fragment, ""));
+    let parsed_path: Vec<Value> = decode_path(path)
+        .ok_or("the path has an invalid %-escape")?
+        .trim_start_matches('/')
         .split('/')
-        .filter(|seg| !seg.is_empty())
-        .map(|seg| Value::from(decode_path(seg)))
+        .map(Value::from)
         .collect();
+    // Go's `url.Query`: a pair holding `;` or an invalid escape is dropped.
     let mut parsed_query: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
+    for pair in query.split('&') {
+        if pair.is_empty() || pair.contains(';') {
+            continue;
+        }
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        parsed_query
-            .entry(Value::from(decode_query(k)))
-            .or_default()
-            .push(Value::from(decode_query(v)));
+        if let (Some(k), Some(v)) = (decode_query(k), decode_query(v)) {
+            parsed_query
+                .entry(Value::from(k))
+                .or_default()
+                .push(Value::from(v));
+        }
     }
     let action = first(facts.action_header);
     let caller_id = facts.caller.map(|c| c.id.as_str());
@@ -356,6 +371,8 @@ pub fn input(facts: &RegoFacts<'_>) -> Option<Value> {
     ];
     if let Some(id) = caller_id {
         document.push(("caller_spiffe_id", s(id)));
+        // OPA-Envoy's shortcut for `attributes.source.principal`.
+        document.push(("source_principal", s(id)));
     }
     // Undefined members are left out, as OPA leaves out absent JSON fields.
     let document = document
@@ -363,7 +380,7 @@ pub fn input(facts: &RegoFacts<'_>) -> Option<Value> {
         .map(|(k, v)| (k, strip_undefined(v)))
         .filter(|(_, v)| *v != Value::Undefined)
         .collect();
-    Some(object(document))
+    Ok(object(document))
 }
 
 fn strip_undefined(value: Value) -> Value {
@@ -418,8 +435,9 @@ mod tests {
 
     #[test]
     fn paths_and_queries_are_parsed_as_opa_envoy_does() {
-        assert_eq!(decode_query("a%20b+c"), "a b c");
-        assert_eq!(decode_path("a%20b+c"), "a b+c");
-        assert_eq!(decode_path("%zz"), "%zz");
+        assert_eq!(decode_query("a%20b+c").as_deref(), Some("a b c"));
+        assert_eq!(decode_path("a%20b+c").as_deref(), Some("a b+c"));
+        assert_eq!(decode_path("%zz"), None, "Go's url.Parse refuses it");
+        assert_eq!(decode_path("50%"), None);
     }
 }
