@@ -214,12 +214,9 @@ impl Envoy {
     /// When each certificate chain Envoy holds expires (its leaf's
     /// `expiration_time` in `/certs`).
     pub async fn cert_expirations(&self) -> Vec<std::time::SystemTime> {
-        let certs: Value =
-            serde_json::from_str(&self.admin_get("/certs").await).expect("certs json");
-        certs["certificates"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        self.certificates()
+            .await
+            .iter()
             .filter_map(|c| c["cert_chain"].get(0)?["expiration_time"].as_str())
             .map(|at| {
                 let at =
@@ -230,13 +227,23 @@ impl Envoy {
             .collect()
     }
 
-    async fn certs_serials(&self, field: &str) -> Vec<String> {
+    /// The `certificates` entries of `/certs`.
+    async fn certificates(&self) -> Vec<Value> {
         let certs: Value =
             serde_json::from_str(&self.admin_get("/certs").await).expect("certs json");
-        certs["certificates"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        match certs {
+            Value::Object(mut top) => match top.remove("certificates") {
+                Some(Value::Array(all)) => all,
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        }
+    }
+
+    async fn certs_serials(&self, field: &str) -> Vec<String> {
+        self.certificates()
+            .await
+            .iter()
             .flat_map(|c| c[field].as_array().into_iter().flatten())
             .filter_map(|c| c["serial_number"].as_str())
             .map(normalize_serial)

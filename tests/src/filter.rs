@@ -491,10 +491,7 @@ pub fn auto_detected_port(
     let listener = json!({
         "name": LISTENER,
         "address": loopback_any_port(),
-        "listener_filters": [{
-            "name": "envoy.filters.listener.tls_inspector",
-            "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" }
-        }],
+        "listener_filters": [tls_inspector()],
         "filter_chains": [
             {
                 "filter_chain_match": {
@@ -520,6 +517,14 @@ pub fn auto_detected_port(
             cluster("tcp-app", tcp_upstream, None),
         ],
     )
+}
+
+/// The TLS inspector listener filter (SNI and ALPN for filter chain matching).
+fn tls_inspector() -> Value {
+    json!({
+        "name": "envoy.filters.listener.tls_inspector",
+        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" }
+    })
 }
 
 /// `tcp_proxy` with what Istio's sidecar network EnvoyFilter merges into it.
@@ -552,10 +557,7 @@ pub fn passthrough_gateway(filter: Value, upstream: SocketAddr) -> Value {
     let listener = json!({
         "name": LISTENER,
         "address": loopback_any_port(),
-        "listener_filters": [{
-            "name": "envoy.filters.listener.tls_inspector",
-            "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" }
-        }],
+        "listener_filters": [tls_inspector()],
         "filter_chains": [{ "filters": [filter, tcp_proxy("upstream")] }]
     });
     bootstrap(
