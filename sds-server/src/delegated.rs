@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 use spire_api::pb::spire::api::agent::delegatedidentity::v1::{
     delegated_identity_client::DelegatedIdentityClient, SubscribeToX509BundlesRequest,
     SubscribeToX509BundlesResponse, SubscribeToX509sviDsRequest, SubscribeToX509sviDsResponse,
@@ -360,6 +361,9 @@ pub struct WorkloadReport {
     pub serial: Option<String>,
     /// Trust domains whose bundles the workload receives.
     pub trust_domains: Vec<String>,
+    /// SHA-256 (hex) of each root served, per trust domain (what `doctor` compares).
+    #[serde(default)]
+    pub trust_bundles: std::collections::BTreeMap<String, Vec<String>>,
     /// Open SDS streams of the workload.
     pub streams: usize,
 }
@@ -481,6 +485,19 @@ impl NodeIdentities {
                     spiffe_id: svid.map(|s| s.spiffe_id.clone()),
                     serial: svid.map(|s| s.leaf.serial_hex.clone()),
                     trust_domains: published.snapshot.bundles.keys().cloned().collect(),
+                    trust_bundles: published
+                        .snapshot
+                        .bundles
+                        .iter()
+                        .map(|(td, bundle)| {
+                            let roots = bundle
+                                .roots_der
+                                .iter()
+                                .map(|der| hex::encode(sha2::Sha256::digest(der)))
+                                .collect();
+                            (td.clone(), roots)
+                        })
+                        .collect(),
                     streams: *streams,
                 }
             })

@@ -29,6 +29,18 @@ pub mod config;
     )
 )]
 pub mod delegated;
+// What SPIRE, a bundle endpoint or an Envoy answers the doctor is parsed there too.
+#[cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
+pub mod doctor;
 pub mod identities;
 pub mod inspect;
 #[cfg_attr(

@@ -45,6 +45,144 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Find the broken link when cross-cloud calls fail: bundles across
+    /// clouds (SPIRE servers, bundle endpoints, trustweave-sds, Envoys), one
+    /// call explained (`call`), the MSS at a gateway (`mtu`). Exit 0 when
+    /// nothing is broken, 1 when something is, 2 when it cannot run.
+    Doctor(DoctorArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct DoctorArgs {
+    #[command(subcommand)]
+    command: Option<DoctorCommand>,
+    /// The mesh: trust domains, their SPIRE servers' CLI, nodes, Envoys and gateways (JSON; see docs/operations.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum DoctorCommand {
+    /// Explain whether `caller` can call `callee`, hop by hop.
+    Call {
+        /// The mesh configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// The caller's SPIFFE ID.
+        caller: String,
+        /// The callee: an Envoy's name, its SPIFFE ID or its service host.
+        callee: String,
+        /// The action asked for (the policy's action header).
+        #[arg(long)]
+        action: Option<String>,
+        /// HTTP method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Path.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Extra request header `name=value` (repeatable).
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// The SNI the caller's sidecar sends (default: from the callee's service).
+        #[arg(long)]
+        sni: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The MSS a connection to a gateway gets, against the path MTU.
+    Mtu {
+        /// The gateway's cross-network address, `ip:port`.
+        address: String,
+        /// An exported service's SNI, to measure the certificate chain behind it.
+        #[arg(long)]
+        sni: Option<String>,
+        /// The path MTU between clouds.
+        #[arg(long, default_value_t = trustweave_sds::doctor::config::DEFAULT_PATH_MTU)]
+        path_mtu: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected name=value"))?;
+    Ok((name.trim().to_ascii_lowercase(), value.to_string()))
+}
+
+/// Runs a doctor command; its exit status.
+async fn doctor(args: DoctorArgs) -> i32 {
+    use trustweave_sds::doctor::{self, report::Report};
+    let print = |report: &Report, json: bool| {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(report).unwrap_or_default()
+            );
+        } else {
+            print!("{}", report.to_text());
+        }
+        i32::from(report.broken)
+    };
+    let load = |path: &std::path::Path| {
+        doctor::load(path).map_err(|e| {
+            eprintln!("trustweave-sds doctor: {e}");
+            2
+        })
+    };
+    match args.command {
+        None => {
+            let Some(path) = args.config else {
+                eprintln!("trustweave-sds doctor: --config <mesh.json> is required");
+                return 2;
+            };
+            match load(&path) {
+                Ok(config) => print(&doctor::run(&config).await, args.json),
+                Err(code) => code,
+            }
+        }
+        Some(DoctorCommand::Call {
+            config,
+            caller,
+            callee,
+            action,
+            method,
+            path,
+            headers,
+            sni,
+            json,
+        }) => match load(&config) {
+            Ok(config) => {
+                let request = doctor::call::Request {
+                    action,
+                    method,
+                    path,
+                    headers,
+                    sni,
+                };
+                let checks = doctor::call::explain(&config, &caller, &callee, &request).await;
+                print(&Report::new(checks), json)
+            }
+            Err(code) => code,
+        },
+        Some(DoctorCommand::Mtu {
+            address,
+            sni,
+            path_mtu,
+            json,
+        }) => {
+            let check = doctor::mtu::check(&address, &address, sni.as_deref(), path_mtu).await;
+            print(&Report::new(vec![check]), json)
+        }
+    }
 }
 
 #[tokio::main]
@@ -87,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Some(Command::Doctor(args)) => std::process::exit(doctor(args).await),
         None => serve(cli.serve).await,
     }
 }
