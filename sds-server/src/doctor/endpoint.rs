@@ -361,7 +361,7 @@ mod tests {
 
     #[test]
     fn hostile_documents_are_refused_naming_the_field() {
-        assert!(parse_document(b"[]").unwrap_err().starts_with("bundle:"));
+        assert!(parse_document(b"\"x\"").unwrap_err().starts_with("bundle:"));
         assert_eq!(
             parse_document(br#"{"keys":[{"use":"jwt-svid","kid":"a"}]}"#).unwrap_err(),
             "keys: no x509-svid authority"
