@@ -156,6 +156,11 @@ impl Envoy {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Its admin endpoint's address (in its site's network).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
     /// GET on the admin endpoint.
     pub async fn admin_request(&self, path: &str) -> std::io::Result<HttpResponse> {
         let stream = self.site.connect(self.admin).await?;

@@ -167,7 +167,27 @@ pub async fn explain(
             }
         },
     }
-    // 3. The callee's trustweave-filter.
+    // 3. The other way: the caller's Envoy verifies the callee's certificate.
+    if let Some(caller_envoy) = caller_envoy {
+        if let Ok(caller_view) = &caller_envoy.view {
+            let callee_td = target.trust_domain;
+            let caller_holder = format!("envoy {}", caller_envoy.label);
+            if caller_view.trusts.contains_key(callee_td) || caller_view.trusts.contains_key("*") {
+                checks.push(Check::new(
+                    &caller_holder,
+                    callee_td,
+                    Status::Ok,
+                    format!("trusts {callee_td}"),
+                ));
+            } else {
+                checks.push(
+                    Check::new(&caller_holder, callee_td, Status::Refused, format!("does not trust {callee_td}: it refuses the callee's certificate (the caller sees 503)"))
+                        .fix(format!("federate {caller_td} with {callee_td} (run `trustweave-sds doctor` for which side is missing)")),
+                );
+            }
+        }
+    }
+    // 4. The callee's trustweave-filter.
     let filters: Vec<Config> = view
         .filter_configs
         .iter()
@@ -190,7 +210,7 @@ pub async fn explain(
             }
         }
     }
-    // 4. Across networks: the callee's gateway, by SNI.
+    // 5. Across networks: the callee's gateway, by SNI.
     if caller_td != target.trust_domain {
         let sni = request
             .sni

@@ -122,22 +122,9 @@ pub async fn probe(url: &str) -> Result<Reached, ProbeError> {
     let document = match tokio::time::timeout(STEP_TIMEOUT, exchange).await {
         Err(_) => Err("no answer".to_string()),
         Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(raw)) => body_of(&raw).and_then(parse_document),
+        Ok(Ok(raw)) => super::source::parse_response(&raw).and_then(|body| parse_document(&body)),
     };
     Ok(Reached { chain, document })
-}
-
-fn body_of(raw: &[u8]) -> Result<&[u8], String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("not an HTTP answer")?;
-    let status = String::from_utf8_lossy(raw.get(..split).unwrap_or_default());
-    let status = status.lines().next().unwrap_or_default().to_string();
-    if status.split(' ').nth(1) != Some("200") {
-        return Err(super::source::quote(status.as_bytes()));
-    }
-    Ok(raw.get(split.saturating_add(4)..).unwrap_or_default())
 }
 
 #[derive(Deserialize)]

@@ -146,8 +146,8 @@ async fn http_get(base: &str, path: &str, limit: usize) -> Result<Vec<u8>, Strin
     Ok(response)
 }
 
-/// The body of a complete HTTP/1.1 answer, if its status is 200.
-fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
+/// The body of a complete HTTP/1.1 answer (plain or chunked), if its status is 200.
+pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

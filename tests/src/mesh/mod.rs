@@ -17,6 +17,7 @@
 
 pub mod app;
 pub mod bootstrap;
+pub mod doctor;
 pub mod netns;
 pub mod node_sds;
 pub mod otlp;
@@ -375,6 +376,25 @@ impl Mesh {
         .await;
         gateway.wait_live().await;
         cloud.gateway = Some(gateway);
+    }
+
+    /// Restarts cloud `name`'s east-west gateway with its listener's MSS clamp
+    /// (`istio/envoyfilter-gateway-mss.yaml`) on or off.
+    pub async fn set_gateway_mss_clamp(&mut self, name: &str, clamp: bool) {
+        let cloud = self.cloud_mut(name);
+        let listener = &mut cloud.gateway_bootstrap["static_resources"]["listeners"][0];
+        for (key, value) in crate::filter::istio_listener_fields(crate::filter::GATEWAY_MSS) {
+            match listener.as_object_mut() {
+                Some(fields) if clamp => {
+                    fields.insert(key, value);
+                }
+                Some(fields) => {
+                    fields.remove(&key);
+                }
+                None => panic!("the gateway bootstrap has no listener"),
+            }
+        }
+        self.restart_gateway(name).await;
     }
 
     /// Builds and starts everything; returns once every Envoy is `LIVE`.

@@ -120,6 +120,14 @@ impl NodeSds {
         }
     }
 
+    /// Kills the process (its Envoys keep what they were served); [`NodeSds::restart`] starts it again.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
     /// Kills the process and starts a new one on the same socket.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
