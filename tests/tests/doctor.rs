@@ -109,6 +109,22 @@ async fn wait_for_broken(config: &Path, what: &str, expected: &[(&str, &str, &st
     }
 }
 
+/// The human table: whether nothing is broken, and the text.
+async fn table(config: &Path) -> (bool, String) {
+    let output = Site::Host
+        .command(node_sds::binary())
+        .arg("doctor")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .await
+        .expect("doctor");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).to_string(),
+    )
+}
+
 fn endpoint(peer: &str, from: &str) -> String {
     format!("bundle endpoint of {peer} from {from}")
 }
@@ -165,14 +181,9 @@ async fn the_doctor_names_the_broken_link() {
         healthy.check(&format!("envoy {GCP}/node-1/search"), AWS)["status"],
         "in_step"
     );
-    let table = Site::Host
-        .command(node_sds::binary())
-        .args(["doctor", "--config", &config_arg])
-        .output()
-        .await
-        .expect("doctor");
-    let text = String::from_utf8_lossy(&table.stdout);
-    assert!(table.status.success(), "{text}");
+    let (success, text) = table(&config).await;
+    eprintln!("doctor on the healthy mesh:\n{text}");
+    assert!(success, "{text}");
     assert!(
         text.starts_with("STATUS") && text.contains("nothing broken"),
         "{text}"
@@ -265,6 +276,10 @@ async fn the_doctor_names_the_broken_link() {
         ],
     )
     .await;
+    eprintln!(
+        "doctor, gcp's endpoint unreachable:\n{}",
+        table(&config).await.1
+    );
     let unreachable = run.check(&endpoint(GCP, AWS), GCP);
     assert!(
         unreachable["detail"]
@@ -307,7 +322,7 @@ async fn the_doctor_names_the_broken_link() {
     for on in ["gcp", "azure"] {
         mesh.cloud(on).spire.refresh(AWS).await.expect("refresh");
     }
-    let run = wait_for_broken(
+    let stale_envoys = wait_for_broken(
         &config,
         "gcp's Envoys stale",
         &[
@@ -317,7 +332,8 @@ async fn the_doctor_names_the_broken_link() {
         ],
     )
     .await;
-    let envoy = run.check(&format!("envoy {GCP}/node-1/search"), AWS);
+    eprintln!("doctor, gcp's Envoys stale:\n{}", table(&config).await.1);
+    let envoy = stale_envoys.check(&format!("envoy {GCP}/node-1/search"), AWS);
     assert!(
         envoy["detail"]
             .as_str()

@@ -117,7 +117,8 @@ impl Difference {
                 roots.join(", ")
             ));
         }
-        if let (Some(held), Some(current)) = (held.sequence, reference.sequence) {
+        // SPIRE keeps no sequence for a federated copy (it shows 0).
+        if let (Some(held @ 1..), Some(current)) = (held.sequence, reference.sequence) {
             parts.push(format!("sequence {held}, current {current}"));
         }
         parts.join("; ")

@@ -131,7 +131,12 @@ pub async fn check(config: &DoctorConfig) -> Vec<Check> {
             continue;
         };
         check_server(td, server, &mut checks);
+        let start = checks.len();
         check_federation(config, td, server, &servers, &probes, now, &mut checks);
+        // One holder's rows together (a stable sort keeps their order).
+        if let Some(section) = checks.get_mut(start..) {
+            section.sort_by(|a, b| a.holder.cmp(&b.holder));
+        }
     }
     for td in &config.trust_domains {
         let server = servers.get(td.name.as_str());
@@ -346,7 +351,8 @@ fn stage_name(stage: Stage) -> &'static str {
 
 fn sequence_note(roots: &Roots) -> String {
     let count = roots.sha256.len();
-    match roots.sequence {
+    // SPIRE keeps no sequence for a federated copy (it shows 0).
+    match roots.sequence.filter(|s| *s > 0) {
         Some(sequence) => format!("{count} root(s), sequence {sequence}"),
         None => format!("{count} root(s)"),
     }
@@ -376,10 +382,15 @@ fn check_node(
     };
     // trustweave-sds against the node's SPIRE (its server's view; the agent syncs every ~5 s).
     for workload in workloads.into_iter().flatten() {
-        let who = workload
-            .spiffe_id
-            .clone()
-            .unwrap_or_else(|| format!("pid {}", workload.pid));
+        // The ID's path is enough beside the node (`ns/search/sa/indexer`).
+        let who = workload.spiffe_id.as_deref().map_or_else(
+            || format!("pid {}", workload.pid),
+            |id| {
+                id.strip_prefix(&format!("spiffe://{}/", td.name))
+                    .unwrap_or(id)
+                    .to_string()
+            },
+        );
         for (domain, fingerprints) in &workload.trust_bundles {
             let served = Roots::from_fingerprints(fingerprints.iter().cloned());
             let holder = format!("{sds_holder} → {who}");

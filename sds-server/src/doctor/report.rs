@@ -83,6 +83,15 @@ impl Check {
     }
 }
 
+/// One row of the table.
+struct Row<'a> {
+    status: Status,
+    holder: &'a str,
+    subject: String,
+    detail: &'a str,
+    fix: Option<&'a str>,
+}
+
 /// Everything checked.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -99,36 +108,64 @@ impl Report {
         Self { checks, broken }
     }
 
+    fn rows(&self) -> Vec<Row<'_>> {
+        let mut rows: Vec<Row<'_>> = Vec::new();
+        for check in &self.checks {
+            if let Some(last) = rows.last_mut() {
+                if !check.status.is_broken()
+                    && last.status == check.status
+                    && last.holder == check.holder
+                    && last.detail == check.detail
+                {
+                    last.subject.push_str(", ");
+                    last.subject.push_str(&check.subject);
+                    continue;
+                }
+            }
+            rows.push(Row {
+                status: check.status,
+                holder: &check.holder,
+                subject: check.subject.clone(),
+                detail: &check.detail,
+                fix: check.fix.as_deref(),
+            });
+        }
+        rows
+    }
+
     /// The broken checks.
     pub fn broken_checks(&self) -> impl Iterator<Item = &Check> {
         self.checks.iter().filter(|c| c.status.is_broken())
     }
 
     /// A table: status, holder, subject, detail; each fix under its row.
+    /// Consecutive healthy checks of one holder share a row (their subjects
+    /// joined); JSON keeps every check.
     pub fn to_text(&self) -> String {
         use std::fmt::Write as _;
-        let width = |f: fn(&Check) -> usize, title: usize| {
-            self.checks.iter().map(f).max().unwrap_or(0).max(title)
+        let rows = self.rows();
+        let width = |f: fn(&Row<'_>) -> usize, title: usize| {
+            rows.iter().map(f).max().unwrap_or(0).max(title)
         };
-        let status_w = width(|c| c.status.label().len(), 6);
-        let holder_w = width(|c| c.holder.chars().count(), 6);
-        let subject_w = width(|c| c.subject.chars().count(), 7);
+        let status_w = width(|r| r.status.label().len(), 6);
+        let holder_w = width(|r| r.holder.chars().count(), 6);
+        let subject_w = width(|r| r.subject.chars().count(), 7);
         let mut out = String::new();
         let _ = writeln!(
             out,
             "{:status_w$}  {:holder_w$}  {:subject_w$}  DETAIL",
             "STATUS", "HOLDER", "SUBJECT"
         );
-        for check in &self.checks {
+        for row in &rows {
             let _ = writeln!(
                 out,
                 "{:status_w$}  {:holder_w$}  {:subject_w$}  {}",
-                check.status.label(),
-                check.holder,
-                check.subject,
-                check.detail
+                row.status.label(),
+                row.holder,
+                row.subject,
+                row.detail
             );
-            if let Some(fix) = &check.fix {
+            if let Some(fix) = row.fix {
                 let _ = writeln!(out, "{:status_w$}  fix: {fix}", "");
             }
         }
@@ -144,5 +181,28 @@ impl Report {
             }
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthy_checks_of_one_holder_share_a_row_and_fixes_follow_their_row() {
+        let report = Report::new(vec![
+            Check::new("envoy a", "x.test", Status::InStep, "1 root(s)"),
+            Check::new("envoy a", "y.test", Status::InStep, "1 root(s)"),
+            Check::new("envoy a", "z.test", Status::Stale, "lacks root").fix("refresh"),
+        ]);
+        let text = report.to_text();
+        assert!(
+            text.contains("envoy a  x.test, y.test  1 root(s)"),
+            "{text}"
+        );
+        assert!(text.contains("STALE    envoy a  z.test"), "{text}");
+        assert!(text.contains("fix: refresh"), "{text}");
+        assert!(text.ends_with("3 checks, 1 broken\n"), "{text}");
+        assert!(report.broken);
     }
 }
