@@ -516,3 +516,140 @@ fn check_node(
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::doctor::config::DoctorConfig;
+
+    fn roots(fingerprints: &[&str]) -> Roots {
+        Roots::from_fingerprints(fingerprints.iter().map(|f| f.to_string()))
+    }
+
+    fn server(own: &[&str], federated: &[(&str, &[&str])], relationships: &[&str]) -> ServerView {
+        ServerView {
+            own: Ok(roots(own)),
+            federated: Ok(federated
+                .iter()
+                .map(|(td, f)| (td.to_string(), roots(f)))
+                .collect()),
+            relationships: Ok(relationships
+                .iter()
+                .map(|td| Relationship {
+                    trust_domain: td.to_string(),
+                    url: format!("https://{td}:8443"),
+                    endpoint_spiffe_id: Some(format!("spiffe://{td}/spire/server")),
+                })
+                .collect()),
+        }
+    }
+
+    fn config() -> DoctorConfig {
+        DoctorConfig::parse(br#"{"trust_domains":[{"name":"a.test"},{"name":"b.test"}]}"#).unwrap()
+    }
+
+    fn statuses(checks: &[Check]) -> Vec<(String, String, Status)> {
+        checks
+            .iter()
+            .map(|c| (c.holder.clone(), c.subject.clone(), c.status))
+            .collect()
+    }
+
+    #[test]
+    fn a_stale_copy_behind_an_unreachable_endpoint_is_named_with_both_links() {
+        let config = config();
+        let servers = BTreeMap::from([
+            (
+                "a.test",
+                server(&["a1"], &[("b.test", &["b1"])], &["b.test"]),
+            ),
+            (
+                "b.test",
+                server(&["b1", "b2"], &[("a.test", &["a1"])], &["a.test"]),
+            ),
+        ]);
+        let probes = BTreeMap::from([(
+            "https://b.test:8443".to_string(),
+            Err(ProbeError {
+                stage: Stage::Tcp,
+                reason: "refused".into(),
+            }),
+        )]);
+        let mut checks = Vec::new();
+        let a = &config.trust_domains[0];
+        check_federation(
+            &config,
+            a,
+            &servers["a.test"],
+            &servers,
+            &probes,
+            0,
+            &mut checks,
+        );
+        assert_eq!(
+            statuses(&checks),
+            [
+                (
+                    "bundle endpoint of b.test from a.test".into(),
+                    "b.test".into(),
+                    Status::Unreachable
+                ),
+                ("spire-server a.test".into(), "b.test".into(), Status::Stale),
+            ]
+        );
+        assert!(
+            checks[1].detail.starts_with("lacks root b2"),
+            "{}",
+            checks[1].detail
+        );
+        assert!(checks[1]
+            .fix
+            .as_deref()
+            .unwrap()
+            .starts_with("mend the bundle endpoint link"));
+    }
+
+    #[test]
+    fn a_relationship_one_side_holds_is_one_sided_at_the_other() {
+        let config = config();
+        let servers = BTreeMap::from([
+            ("a.test", server(&["a1"], &[], &[])),
+            (
+                "b.test",
+                server(&["b1"], &[("a.test", &["a1"])], &["a.test"]),
+            ),
+        ]);
+        let mut checks = Vec::new();
+        let a = &config.trust_domains[0];
+        check_federation(
+            &config,
+            a,
+            &servers["a.test"],
+            &servers,
+            &BTreeMap::new(),
+            0,
+            &mut checks,
+        );
+        assert_eq!(
+            statuses(&checks),
+            [(
+                "spire-server a.test".into(),
+                "b.test".into(),
+                Status::OneSided
+            )]
+        );
+        let mut checks = Vec::new();
+        let b = &config.trust_domains[1];
+        check_federation(
+            &config,
+            b,
+            &servers["b.test"],
+            &servers,
+            &BTreeMap::new(),
+            0,
+            &mut checks,
+        );
+        assert!(checks.iter().all(|c| !c.status.is_broken()), "{checks:?}");
+    }
+}
