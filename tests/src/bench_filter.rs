@@ -39,16 +39,19 @@ pub enum Variant {
     DryRun,
     /// trustweave-filter's Rego build with the users' federated guide policy.
     Rego,
+    /// The real OPA-Envoy (`opa-envoy-plugin`) as Envoy's `ext_authz`, the same policy.
+    OpaEnvoy,
 }
 
 impl Variant {
     /// Every variant, in the interleaving order.
-    pub const ALL: [Variant; 5] = [
+    pub const ALL: [Variant; 6] = [
         Self::None,
         Self::Rbac,
         Self::Filter,
         Self::DryRun,
         Self::Rego,
+        Self::OpaEnvoy,
     ];
 
     /// Its column label.
@@ -59,6 +62,7 @@ impl Variant {
             Self::Filter => "C trustweave",
             Self::DryRun => "D dry run",
             Self::Rego => "E Rego",
+            Self::OpaEnvoy => "F OPA-Envoy",
         }
     }
 }
@@ -124,6 +128,146 @@ pub fn rego_guide_config() -> String {
     std::fs::read_to_string(path).expect("filter/examples/rego-federated.json")
 }
 
+/// The guide policy of [`rego_guide_config`] written for OPA-Envoy's input
+/// document (`input.attributes`): same rules, same data.
+pub const OPA_ENVOY_GUIDE_POLICY: &str = r#"package agentweave.authz.federated
+
+import rego.v1
+
+default allow := false
+
+trust_domain(id) := split(trim_prefix(id, "spiffe://"), "/")[0]
+
+caller := input.attributes.source.principal
+
+action := input.attributes.request.http.headers["x-trustweave-action"]
+
+# Same trust domain.
+allow if trust_domain(caller) == trust_domain(input.attributes.destination.principal)
+
+# A federated trust domain, for the actions listed for that caller.
+allow if {
+	trust_domain(caller) in data.federation.allowed_domains
+	action in data.federation.allowed_actions[caller]
+}
+"#;
+
+/// A running `opa-envoy-plugin` serving [`OPA_ENVOY_GUIDE_POLICY`] on a Unix
+/// socket (decision logs off, as a production deployment would sample them);
+/// killed on drop.
+pub struct OpaEnvoy {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl OpaEnvoy {
+    /// The binary `scripts/setup.sh` builds from `tests/opa-envoy/`.
+    pub fn binary() -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/opa-envoy/opa-envoy-plugin")
+    }
+
+    /// Starts it in `dir` with the guide policy and its data; waits until it listens.
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let binary = Self::binary();
+        anyhow::ensure!(
+            binary.exists(),
+            "{} is missing: run scripts/setup.sh (it builds opa-envoy-plugin from tests/opa-envoy)",
+            binary.display()
+        );
+        let socket = dir.join("opa.sock");
+        let config = dir.join("opa.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "plugins:\n  envoy_ext_authz_grpc:\n    addr: unix://{}\n    path: agentweave/authz/federated/allow\n    skip-request-body-parse: true\n",
+                socket.display()
+            ),
+        )?;
+        let policy = dir.join("federated.rego");
+        std::fs::write(&policy, OPA_ENVOY_GUIDE_POLICY)?;
+        let guide: Value = serde_json::from_str(&rego_guide_config())?;
+        let data = dir.join("data.json");
+        std::fs::write(&data, guide["rego"]["data"].to_string())?;
+        let log = std::fs::File::create(dir.join("opa-envoy.log"))?;
+        let child = Command::new(&binary)
+            .arg("run")
+            .arg("--server")
+            .arg(format!(
+                "--addr=unix://{}",
+                dir.join("opa-http.sock").display()
+            ))
+            .arg(format!("--config-file={}", config.display()))
+            .arg("--disable-telemetry")
+            .arg(&policy)
+            .arg(&data)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start opa-envoy-plugin")?;
+        let started = std::time::Instant::now();
+        while !socket.exists() {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "opa-envoy-plugin does not listen; see {}",
+                dir.join("opa-envoy.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child, socket })
+    }
+
+    /// Its ext_authz socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for OpaEnvoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Envoy's `ext_authz` filter asking the gRPC cluster `opa` (OPA-Envoy).
+fn ext_authz_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "failure_mode_allow": false,
+            "grpc_service": { "envoy_grpc": { "cluster_name": "opa" }, "timeout": "5s" }
+        }
+    })
+}
+
+/// The HTTP/2 cluster `opa` on OPA-Envoy's Unix socket.
+fn opa_cluster(socket: &Path) -> Value {
+    json!({
+        "name": "opa",
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http2_protocol_options": {} }
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "opa",
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "pipe": { "path": socket } } } }] }]
+        }
+    })
+}
+
 /// Envoy's RBAC filter with the rules Istio generates for the same policies.
 pub fn rbac_filter(s: Scenario) -> Value {
     let matcher = |p: &str| {
@@ -159,12 +303,14 @@ pub fn rbac_filter(s: Scenario) -> Value {
     })
 }
 
-/// The server bootstrap for one variant: mTLS in, the authz filter, a direct 200.
+/// The server bootstrap for one variant: mTLS in, the authz filter, a direct 200
+/// (`opa`: OPA-Envoy's socket, for [`Variant::OpaEnvoy`]).
 pub fn server_bootstrap(
     variant: Variant,
     s: Scenario,
     svid: &IssuedSvid,
     trusted: &[&TrustDomainCa],
+    opa: Option<&Path>,
 ) -> Value {
     let mut filters = match variant {
         Variant::None => vec![],
@@ -172,6 +318,7 @@ pub fn server_bootstrap(
         Variant::Filter => vec![filter::http_filter(&filter_config(s, false))],
         Variant::DryRun => vec![filter::http_filter(&filter_config(s, true))],
         Variant::Rego => vec![filter::rego_filter(&rego_guide_config())],
+        Variant::OpaEnvoy => vec![ext_authz_filter()],
     };
     filters.push(filter::router());
     let mut hcm = filter::hcm("inbound", Some(SIDECAR_HCM), filters, "unused");
@@ -187,7 +334,11 @@ pub fn server_bootstrap(
             "filters": [hcm]
         }]
     });
-    filter::bootstrap("bench-server", json!({}), vec![listener], vec![])
+    let clusters = match (variant, opa) {
+        (Variant::OpaEnvoy, Some(socket)) => vec![opa_cluster(socket)],
+        _ => vec![],
+    };
+    filter::bootstrap("bench-server", json!({}), vec![listener], clusters)
 }
 
 /// The client bootstrap: one plaintext listener per server, each originating mTLS to it.

@@ -5,6 +5,7 @@
 //! configuration, upstreams, and an mTLS client.
 
 pub mod bench_filter;
+pub mod bench_plot;
 pub mod bench_sds;
 pub mod delegated_api;
 pub mod envoy;
