@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENVOY_BIN = $(shell scripts/envoy-bin.sh)
 export ENVOY_BIN
 
-.PHONY: setup demo test lint build wasm bench bench-filter bench-sds fuzz-smoke fuzz
+.PHONY: setup demo test lint build wasm bench bench-filter bench-sds bench-instructions fuzz-smoke fuzz
 
 setup:
 	@scripts/setup.sh
@@ -41,6 +41,7 @@ test: setup lint wasm
 	target/opa-venv/bin/python -m pytest -q tests/rego
 	./target/debug/bench-filter --smoke
 	./target/debug/bench-sds --smoke
+	./target/debug/bench-instructions --smoke
 	$(MAKE) --no-print-directory fuzz-smoke
 
 lint:
@@ -63,6 +64,13 @@ bench-sds: setup
 bench-filter: setup wasm
 	cargo build --release -p trustweave-e2e --bin bench-filter
 	./target/release/bench-filter --output BENCHMARKS.md
+
+## Instruction counts (callgrind) of the engine's decision, a Rego evaluation and an SDS push:
+## the `instructions` section of BENCHMARKS.md, stable whatever else the machine does.
+bench-instructions: setup
+	cargo build --release -p trustweave-engine -p trustweave-sds --examples
+	cargo build --release -p trustweave-e2e --bin bench-instructions
+	./target/release/bench-instructions --output BENCHMARKS.md
 
 ## cargo-fuzz targets (fuzz/): SDS state machines and Workload API material.
 ## `make fuzz-smoke` runs each for FUZZ_SECONDS (10) from the committed seeds; `make fuzz` for 10 minutes.

@@ -11,6 +11,7 @@ need_apt=()
 command -v make >/dev/null || need_apt+=(make)
 command -v wrk >/dev/null || need_apt+=(wrk)          # load generator of the benchmarks
 command -v taskset >/dev/null || need_apt+=(util-linux)
+command -v valgrind >/dev/null || need_apt+=(valgrind)  # instruction counts (bench-instructions)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
 command -v pip3 >/dev/null || command -v pip >/dev/null || need_apt+=(python3-pip)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -2,6 +2,9 @@
 //! XFCC with the peer's certificate, a warm certificate cache), evaluated in a
 //! loop: the native cost of `evaluate_http`, for profiling with
 //! `valgrind --tool=callgrind target/release/examples/request_cost 2000`.
+//! A second argument `rego` evaluates the users' federated guide policy in
+//! Rego mode (`filter/examples/rego-federated.json`) instead of the JSON
+//! multi-cloud policy; `make bench-instructions` counts both.
 
 use std::time::Instant;
 
@@ -19,8 +22,12 @@ fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(200_000);
-    let config =
-        config::parse(include_bytes!("../../examples/multi-cloud-policy.json")).expect("example");
+    let rego = std::env::args().nth(2).as_deref() == Some("rego");
+    let config = if rego {
+        config::parse(include_bytes!("../../examples/rego-federated.json")).expect("example")
+    } else {
+        config::parse(include_bytes!("../../examples/multi-cloud-policy.json")).expect("example")
+    };
     let xfcc = format!(
         "By=spiffe://gcp.company.com/region/gcp-us-central1/worker-1;Hash={DIGEST};Cert=\"{}\";URI=spiffe://gcp.company.com/ns/billing/sa/invoicer",
         "A".repeat(2000)
@@ -49,6 +56,7 @@ fn main() {
     let node = NodeFacts {
         region: Some("us-central1".into()),
         cloud: Some("gcp".into()),
+        local_uri_san: Some("spiffe://gcp.company.com/ns/inventory/sa/api".into()),
         ..NodeFacts::default()
     };
     let start = Instant::now();
