@@ -304,7 +304,7 @@ impl Default for Verdict {
 #[cfg(feature = "rego")]
 fn decide_rego(policy: &rego::RegoPolicy, facts: &rego::RegoFacts<'_>) -> (Decision, Verdict) {
     let mut verdict = Verdict::default();
-    let outcome = match rego::input(facts) {
+    let outcome = match rego::input(facts, policy.fields()) {
         Err(reason) => rego::RegoDecision::Error(reason.into()),
         Ok(input) => {
             verdict.rego_input = Some(input.clone());

@@ -29,6 +29,8 @@ use super::rego_source::RawRego;
 /// A compiled Rego policy and the VM that evaluates it (one per worker).
 pub struct RegoPolicy {
     query: String,
+    /// The input members the modules read; only those are built per request.
+    fields: InputFields,
     /// Evaluated and counted, never enforced.
     pub dry_run: bool,
     vm: RefCell<RegoVM>,
@@ -112,10 +114,16 @@ impl RegoPolicy {
                 .map_err(|e| vec![error("rego.data", e.to_string())])?;
         }
         Ok(Self {
+            fields: InputFields::read_by(raw.modules.values().map(String::as_str)),
             query: raw.query.clone(),
             dry_run: raw.dry_run,
             vm: RefCell::new(vm),
         })
+    }
+
+    /// The input members its modules read.
+    pub fn fields(&self) -> &InputFields {
+        &self.fields
     }
 
     /// Evaluates one input document.
@@ -128,6 +136,60 @@ impl RegoPolicy {
             Err(e) => RegoDecision::Error(format!("evaluation failed: {e}")),
             Ok(result) => interpret(&result),
         }
+    }
+}
+
+/// Which top-level members of the input document a policy reads: found in
+/// its modules' text as `input.<member>` or `input["<member>"]`; any other use
+/// of `input` (bare, `input[x]`, `with input as`) reads them all. Text in
+/// comments and strings counts too: it can only add members.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InputFields {
+    all: bool,
+    members: std::collections::BTreeSet<String>,
+}
+
+impl InputFields {
+    /// Every member (the CLI's `--print-input` and tests that compare documents).
+    pub fn all() -> Self {
+        Self {
+            all: true,
+            members: Default::default(),
+        }
+    }
+
+    /// The members `modules` read.
+    pub fn read_by<'a>(modules: impl Iterator<Item = &'a str>) -> Self {
+        let mut fields = Self::default();
+        let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        for text in modules {
+            for (at, _) in text.match_indices("input") {
+                let before = text.get(..at).and_then(|t| t.chars().next_back());
+                let rest = text.get(at.saturating_add(5)..).unwrap_or_default();
+                if before.is_some_and(word) || rest.chars().next().is_some_and(word) {
+                    continue; // part of another name (`inputs`, `my_input`)
+                }
+                let member = if let Some(dotted) = rest.strip_prefix('.') {
+                    Some(dotted.chars().take_while(|c| word(*c)).collect::<String>())
+                } else if let Some(quoted) = rest.strip_prefix("[\"") {
+                    quoted.split('"').next().map(str::to_string)
+                } else {
+                    None
+                };
+                match member.filter(|m| !m.is_empty()) {
+                    Some(member) => {
+                        fields.members.insert(member);
+                    }
+                    None => fields.all = true,
+                }
+            }
+        }
+        fields
+    }
+
+    /// Whether `member` is read.
+    pub fn wants(&self, member: &str) -> bool {
+        self.all || self.members.contains(member)
     }
 }
 
@@ -207,10 +269,12 @@ fn s(text: &str) -> Value {
     Value::from(text)
 }
 
+/// An object of `pairs`; undefined members are left out, as OPA leaves out absent JSON fields.
 fn object(pairs: Vec<(&str, Value)>) -> Value {
     Value::from(
         pairs
             .into_iter()
+            .filter(|(_, v)| *v != Value::Undefined)
             .map(|(k, v)| (s(k), v))
             .collect::<BTreeMap<Value, Value>>(),
     )
@@ -271,23 +335,23 @@ pub struct RegoFacts<'a> {
 }
 
 /// Builds the input document (documented in docs/filter.md), as OPA-Envoy
-/// builds it from the same request. What it cannot build from (a header value
-/// that is not UTF-8, a path with an invalid `%`-escape, which OPA-Envoy
-/// refuses too) is the error: the request is denied.
-pub fn input(facts: &RegoFacts<'_>) -> Result<Value, &'static str> {
+/// builds it from the same request — only the members in `fields` (a policy
+/// that reads `input.caller` is not made to pay for the headers). What it
+/// cannot build from (a header value that is not UTF-8, a path with an
+/// invalid `%`-escape, which OPA-Envoy refuses too) is the error whatever the
+/// members read: the request is denied.
+pub fn input(facts: &RegoFacts<'_>, fields: &InputFields) -> Result<Value, &'static str> {
     const NOT_UTF8: &str = "a header value is not UTF-8";
-    let mut header_map = BTreeMap::new();
-    for (name, _) in facts.headers.entries() {
-        if header_map.contains_key(&s(name)) {
-            continue;
-        }
-        let joined = facts.headers.joined_text(name).ok_or(NOT_UTF8)?;
-        header_map.insert(s(name), Value::from(joined));
+    if facts
+        .headers
+        .entries()
+        .iter()
+        .any(|(_, value)| std::str::from_utf8(value).is_err())
+    {
+        return Err(NOT_UTF8);
     }
     let first = |name: &str| facts.headers.joined_text(name);
-    let method = first(":method");
     let path_and_query = first(":path").unwrap_or_default();
-    let host = first(":authority").or_else(|| first("host"));
     // As OPA-Envoy (`getParsedPathAndQuery`): Go's `url.Parse` cuts the
     // fragment, then the query; the path is decoded whole, then split after
     // its leading slashes, empty segments kept (`/` is `[""]`).
@@ -295,29 +359,69 @@ pub fn input(facts: &RegoFacts<'_>) -> Result<Value, &'static str> {
     let (path, query) = without_fragment
         .split_once('?')
         .unwrap_or((without_fragment, ""));
-    let parsed_path: Vec<Value> = decode_path(path)
-        .ok_or("the path has an invalid %-escape")?
-        .trim_start_matches('/')
-        .split('/')
-        .map(Value::from)
-        .collect();
-    // Go's `url.Query`: a pair holding `;` or an invalid escape is dropped.
-    let mut parsed_query: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
-    for pair in query.split('&') {
-        if pair.is_empty() || pair.contains(';') {
-            continue;
-        }
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if let (Some(k), Some(v)) = (decode_query(k), decode_query(v)) {
-            parsed_query
-                .entry(Value::from(k))
-                .or_default()
-                .push(Value::from(v));
-        }
-    }
+    let decoded_path = decode_path(path).ok_or("the path has an invalid %-escape")?;
     let action = first(facts.action_header);
     let caller_id = facts.caller.map(|c| c.id.as_str());
     let local_id = facts.local.principal.as_deref();
+    let mut document: Vec<(&str, Value)> = Vec::new();
+    if fields.wants("attributes") {
+        let mut header_map = BTreeMap::new();
+        for (name, _) in facts.headers.entries() {
+            if header_map.contains_key(&s(name)) {
+                continue;
+            }
+            let joined = facts.headers.joined_text(name).ok_or(NOT_UTF8)?;
+            header_map.insert(s(name), Value::from(joined));
+        }
+        let host = first(":authority").or_else(|| first("host"));
+        let http = object(vec![
+            ("method", opt(first(":method").as_deref())),
+            ("path", s(&path_and_query)),
+            ("host", opt(host.as_deref())),
+            ("headers", Value::from(header_map)),
+        ]);
+        document.push((
+            "attributes",
+            object(vec![
+                ("request", object(vec![("http", http)])),
+                ("source", object(vec![("principal", opt(caller_id))])),
+                ("destination", object(vec![("principal", opt(local_id))])),
+            ]),
+        ));
+    }
+    if fields.wants("parsed_path") {
+        let parsed_path: Vec<Value> = decoded_path
+            .trim_start_matches('/')
+            .split('/')
+            .map(Value::from)
+            .collect();
+        document.push(("parsed_path", Value::from(parsed_path)));
+    }
+    if fields.wants("parsed_query") {
+        // Go's `url.Query`: a pair holding `;` or an invalid escape is dropped.
+        let mut parsed_query: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
+        for pair in query.split('&') {
+            if pair.is_empty() || pair.contains(';') {
+                continue;
+            }
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if let (Some(k), Some(v)) = (decode_query(k), decode_query(v)) {
+                parsed_query
+                    .entry(Value::from(k))
+                    .or_default()
+                    .push(Value::from(v));
+            }
+        }
+        document.push((
+            "parsed_query",
+            Value::from(
+                parsed_query
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::from(v)))
+                    .collect::<BTreeMap<Value, Value>>(),
+            ),
+        ));
+    }
     let place = |id: Option<&str>, td: Option<&str>, cloud: Option<&str>, region: Option<&str>| {
         object(vec![
             ("spiffe_id", opt(id)),
@@ -326,78 +430,66 @@ pub fn input(facts: &RegoFacts<'_>) -> Result<Value, &'static str> {
             ("region", opt(region)),
         ])
     };
-    let caller = facts.caller.map_or_else(Value::new_object, |c| {
-        place(
-            Some(c.id.as_str()),
-            Some(c.id.trust_domain()),
-            c.cloud.as_deref(),
-            c.region.as_deref(),
-        )
-    });
-    let agent = place(
-        local_id,
-        facts.local.trust_domain.as_deref(),
-        facts.local.cloud.as_deref(),
-        facts.local.region.as_deref(),
-    );
-    let http = object(vec![
-        ("method", opt(method.as_deref())),
-        ("path", s(&path_and_query)),
-        ("host", opt(host.as_deref())),
-        ("headers", Value::from(header_map)),
-    ]);
-    let attributes = object(vec![
-        ("request", object(vec![("http", http)])),
-        ("source", object(vec![("principal", opt(caller_id))])),
-        ("destination", object(vec![("principal", opt(local_id))])),
-    ]);
-    let mut document = vec![
-        ("attributes", attributes),
-        ("parsed_path", Value::from(parsed_path)),
-        (
-            "parsed_query",
-            Value::from(
-                parsed_query
-                    .into_iter()
-                    .map(|(k, v)| (k, Value::from(v)))
-                    .collect::<BTreeMap<Value, Value>>(),
-            ),
-        ),
-        ("caller", caller),
-        ("agent", agent),
-        ("request", object(vec![("method", opt(action.as_deref()))])),
-        ("action", opt(action.as_deref())),
-        ("callee_spiffe_id", opt(local_id)),
-    ];
+    if fields.wants("caller") {
+        let caller = facts.caller.map_or_else(Value::new_object, |c| {
+            place(
+                Some(c.id.as_str()),
+                Some(c.id.trust_domain()),
+                c.cloud.as_deref(),
+                c.region.as_deref(),
+            )
+        });
+        document.push(("caller", caller));
+    }
+    if fields.wants("agent") {
+        let agent = place(
+            local_id,
+            facts.local.trust_domain.as_deref(),
+            facts.local.cloud.as_deref(),
+            facts.local.region.as_deref(),
+        );
+        document.push(("agent", agent));
+    }
+    if fields.wants("request") {
+        document.push(("request", object(vec![("method", opt(action.as_deref()))])));
+    }
+    document.push(("action", opt(action.as_deref())));
+    document.push(("callee_spiffe_id", opt(local_id)));
     if let Some(id) = caller_id {
         document.push(("caller_spiffe_id", s(id)));
         // OPA-Envoy's shortcut for `attributes.source.principal`.
         document.push(("source_principal", s(id)));
     }
-    // Undefined members are left out, as OPA leaves out absent JSON fields.
-    let document = document
-        .into_iter()
-        .map(|(k, v)| (k, strip_undefined(v)))
-        .filter(|(_, v)| *v != Value::Undefined)
-        .collect();
     Ok(object(document))
-}
-
-fn strip_undefined(value: Value) -> Value {
-    match value {
-        Value::Object(map) => Value::from(
-            map.iter()
-                .filter(|(_, v)| **v != Value::Undefined)
-                .map(|(k, v)| (k.clone(), strip_undefined(v.clone())))
-                .collect::<BTreeMap<Value, Value>>(),
-        ),
-        other => other,
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_members_a_policy_reads_are_built() {
+        let fields = InputFields::read_by(
+            [
+                "allow if input.caller.trust_domain == input.agent.trust_domain\n",
+                "x := input[\"parsed_path\"][0]\nmy_input := 1\ninputs := 2\n",
+            ]
+            .into_iter(),
+        );
+        assert!(fields.wants("caller") && fields.wants("agent") && fields.wants("parsed_path"));
+        assert!(!fields.wants("attributes") && !fields.wants("parsed_query"));
+        for whole in [
+            "x := input\n",
+            "y := input[k]\n",
+            "allow with input as {}\n",
+            "import input\n",
+        ] {
+            assert!(
+                InputFields::read_by([whole].into_iter()).wants("attributes"),
+                "{whole}"
+            );
+        }
+    }
 
     #[test]
     fn results_are_read_as_opa_envoy_reads_them() {

@@ -204,7 +204,11 @@ async fn main() -> anyhow::Result<()> {
     }
     eprintln!("bench-sds: one hostile connection");
     let hostile = hostile_connection().await?;
-    let report = report(&rows) + &spire::report(&spire_rows).await + &hostile.to_markdown();
+    let mut report = report(&rows) + &spire::report(&spire_rows).await;
+    if let Some(output) = &args.output {
+        report.push_str(&plots(output, &rows, &spire_rows)?);
+    }
+    report.push_str(&hostile.to_markdown());
     println!("{report}");
     if hostile.refused != hostile.streams - 1 {
         bail!(
@@ -718,6 +722,62 @@ impl ClientProcesses {
             let _ = p.kill().await;
         }
     }
+}
+
+/// Per-stream push CPU and RSS per stream against clients (SVG beside `output`),
+/// and the Markdown that shows them.
+fn plots(output: &Path, rows: &[Row], spire_rows: &[spire::SpireRow]) -> anyhow::Result<String> {
+    use std::collections::BTreeMap;
+    use trustweave_e2e::bench_plot::{line_chart, Axis, Series};
+    // name → (clients, cpu per stream, rss per stream)
+    let mut lines: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
+    for r in spire_rows {
+        let (label, clients, cpu, rss) = r.plot_point();
+        lines
+            .entry(format!("{label} (real SPIRE)"))
+            .or_default()
+            .push((clients, cpu, rss));
+    }
+    for r in rows {
+        lines
+            .entry(format!(
+                "trustweave-sds {} (stand-in agent)",
+                r.mode.label()
+            ))
+            .or_default()
+            .push((
+                r.clients as f64,
+                r.rotation.cpu_ms * 1000.0 / r.clients as f64,
+                r.rss_per_stream_kib,
+            ));
+    }
+    let series = |pick: fn(&(f64, f64, f64)) -> f64| -> Vec<Series> {
+        lines
+            .iter()
+            .map(|(name, points)| Series {
+                name: name.clone(),
+                points: points.iter().map(|p| (p.0, pick(p))).collect(),
+            })
+            .collect()
+    };
+    let cpu = output.with_file_name("docs/bench/sds-push-cpu.svg");
+    line_chart(
+        &cpu,
+        "Server CPU per pushed stream on a rotation",
+        Axis::log("clients (one connection, two streams each)"),
+        Axis::log("µs per pushed stream"),
+        &series(|p| p.1),
+    )?;
+    let rss = output.with_file_name("docs/bench/sds-rss.svg");
+    line_chart(
+        &rss,
+        "Server memory per stream",
+        Axis::log("clients (one connection, two streams each)"),
+        Axis::linear("KiB RSS per stream"),
+        &series(|p| p.2),
+    )?;
+    eprintln!("wrote {} and {}", cpu.display(), rss.display());
+    Ok("\n![Server CPU per pushed stream against clients](docs/bench/sds-push-cpu.svg)\n\n![Server RSS per stream against clients](docs/bench/sds-rss.svg)\n".to_string())
 }
 
 fn format_row(r: &Row) -> String {

@@ -95,6 +95,18 @@ impl SpireRow {
         self.rotation.iter().chain(&self.bundle).map(count).sum()
     }
 
+    /// For the plots: the server's label, clients, median server CPU per
+    /// pushed stream on a rotation (µs) and RSS per stream (KiB).
+    pub fn plot_point(&self) -> (&'static str, f64, f64, f64) {
+        let server = median(self.rotation.iter().map(|s| s.server_cpu_ms).collect());
+        (
+            self.server.label(),
+            self.clients as f64,
+            server * 1000.0 / self.clients as f64,
+            self.rss_per_stream_kib,
+        )
+    }
+
     /// Whether trustweave-sds serves it (the smoke run holds those to no stream lost).
     pub fn is_trustweave(&self) -> bool {
         self.server != Server::SpireAgent
