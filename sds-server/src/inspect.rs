@@ -293,7 +293,7 @@ fn cert_report(der: &[u8]) -> CertReport {
     };
     CertReport {
         spiffe_ids,
-        serial: hex::encode(cert.raw_serial()),
+        serial: crate::snapshot::serial_hex(cert.raw_serial()),
         not_before: rfc3339(cert.validity().not_before),
         not_after: rfc3339(cert.validity().not_after),
     }

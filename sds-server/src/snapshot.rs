@@ -100,6 +100,21 @@ impl fmt::Debug for PrivateKeyDer {
     }
 }
 
+/// A DER serial as Envoy's `/certs` shows it: lower-case hex of its bytes
+/// without leading zero bytes (DER adds `00` before a high bit; BoringSSL's
+/// `BN_bn2hex` drops it), `0` for zero.
+pub fn serial_hex(raw: &[u8]) -> String {
+    let significant = raw
+        .iter()
+        .position(|b| *b != 0)
+        .map_or(&[][..], |at| raw.get(at..).unwrap_or_default());
+    if significant.is_empty() {
+        "0".into()
+    } else {
+        hex::encode(significant)
+    }
+}
+
 /// Facts read off a leaf certificate, for logs, metrics and `inspect`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertFacts {
@@ -122,7 +137,7 @@ impl CertFacts {
         let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
         let validity = cert.validity();
         let facts = Self {
-            serial_hex: hex::encode(cert.raw_serial()),
+            serial_hex: serial_hex(cert.raw_serial()),
             not_before: to_system_time(validity.not_before.timestamp())
                 .ok_or("notBefore is out of range")?,
             not_after: to_system_time(validity.not_after.timestamp())
@@ -338,6 +353,14 @@ mod tests {
         let key = PrivateKeyDer::new(vec![0x30, 0x82, 0x01, 0x02]);
         let shown = format!("{key:?}");
         assert_eq!(shown, "PrivateKeyDer(<redacted>)");
+    }
+
+    #[test]
+    fn serials_read_as_envoy_shows_them() {
+        assert_eq!(serial_hex(&[0x00, 0xf8, 0x4e]), "f84e");
+        assert_eq!(serial_hex(&[0x0f, 0x01]), "0f01");
+        assert_eq!(serial_hex(&[0x00]), "0");
+        assert_eq!(serial_hex(&[]), "0");
     }
 
     #[test]
