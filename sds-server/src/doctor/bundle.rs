@@ -9,7 +9,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 /// What is known of one root CA certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RootFacts {
-    /// Serial, lower-case hex without a leading zero byte (as Envoy's `/certs` prints it).
+    /// Serial as Envoy's `/certs` prints it ([`crate::snapshot::serial_hex`]).
     pub serial: String,
     /// Start of validity, seconds since the epoch (the CA's preparation).
     pub not_before: i64,
@@ -54,7 +54,7 @@ impl Roots {
         let der = self.ders.get(sha256)?;
         let (_, cert) = X509Certificate::from_der(der).ok()?;
         Some(RootFacts {
-            serial: serial_hex(cert.raw_serial()),
+            serial: crate::snapshot::serial_hex(cert.raw_serial()),
             not_before: cert.validity().not_before.timestamp(),
         })
     }
@@ -125,15 +125,6 @@ impl Difference {
     }
 }
 
-/// A certificate serial as Envoy's `/certs` prints it: hex, no leading zero bytes.
-pub fn serial_hex(raw: &[u8]) -> String {
-    let trimmed = match raw.iter().position(|b| *b != 0) {
-        Some(first) => raw.get(first..).unwrap_or_default(),
-        None => raw.get(raw.len().saturating_sub(1)..).unwrap_or_default(),
-    };
-    hex::encode(trimmed)
-}
-
 /// `95s`, `4m`, `3h`, `2d`.
 pub fn age(seconds: i64) -> String {
     match seconds {
@@ -148,13 +139,6 @@ pub fn age(seconds: i64) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn serials_drop_leading_zero_bytes_as_envoy_prints_them() {
-        assert_eq!(serial_hex(&[0x00, 0x8a, 0x01]), "8a01");
-        assert_eq!(serial_hex(&[0x00]), "00");
-        assert_eq!(serial_hex(&[0x12]), "12");
-    }
 
     #[test]
     fn a_difference_names_what_is_lacking_and_what_is_extra() {
