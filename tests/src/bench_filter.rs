@@ -236,38 +236,6 @@ impl Drop for OpaEnvoy {
     }
 }
 
-/// Envoy's `ext_authz` filter asking the gRPC cluster `opa` (OPA-Envoy).
-fn ext_authz_filter() -> Value {
-    json!({
-        "name": "envoy.filters.http.ext_authz",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-            "transport_api_version": "V3",
-            "failure_mode_allow": false,
-            "grpc_service": { "envoy_grpc": { "cluster_name": "opa" }, "timeout": "5s" }
-        }
-    })
-}
-
-/// The HTTP/2 cluster `opa` on OPA-Envoy's Unix socket.
-fn opa_cluster(socket: &Path) -> Value {
-    json!({
-        "name": "opa",
-        "type": "STATIC",
-        "connect_timeout": "2s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": { "http2_protocol_options": {} }
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "opa",
-            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "pipe": { "path": socket } } } }] }]
-        }
-    })
-}
-
 /// Envoy's RBAC filter with the rules Istio generates for the same policies.
 pub fn rbac_filter(s: Scenario) -> Value {
     let matcher = |p: &str| {
@@ -318,7 +286,7 @@ pub fn server_bootstrap(
         Variant::Filter => vec![filter::http_filter(&filter_config(s, false))],
         Variant::DryRun => vec![filter::http_filter(&filter_config(s, true))],
         Variant::Rego => vec![filter::rego_filter(&rego_guide_config())],
-        Variant::OpaEnvoy => vec![ext_authz_filter()],
+        Variant::OpaEnvoy => vec![filter::ext_authz_filter()],
     };
     filters.push(filter::router());
     let mut hcm = filter::hcm("inbound", Some(SIDECAR_HCM), filters, "unused");
@@ -335,7 +303,7 @@ pub fn server_bootstrap(
         }]
     });
     let clusters = match (variant, opa) {
-        (Variant::OpaEnvoy, Some(socket)) => vec![opa_cluster(socket)],
+        (Variant::OpaEnvoy, Some(socket)) => vec![filter::opa_cluster(socket)],
         _ => vec![],
     };
     filter::bootstrap("bench-server", json!({}), vec![listener], clusters)

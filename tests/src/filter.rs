@@ -345,6 +345,38 @@ pub fn sidecar(
     )
 }
 
+/// Envoy's `ext_authz` filter asking the gRPC cluster `opa` (OPA-Envoy), failing closed.
+pub fn ext_authz_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "failure_mode_allow": false,
+            "grpc_service": { "envoy_grpc": { "cluster_name": "opa" }, "timeout": "5s" }
+        }
+    })
+}
+
+/// The HTTP/2 cluster `opa` on OPA-Envoy's Unix socket.
+pub fn opa_cluster(socket: &std::path::Path) -> Value {
+    json!({
+        "name": "opa",
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http2_protocol_options": {} }
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "opa",
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "pipe": { "path": socket } } } }] }]
+        }
+    })
+}
+
 /// This GCP worker's sidecar with OPA-Envoy (`opa-envoy-plugin`, gRPC on the
 /// Unix socket `opa_socket`) as `ext_authz` first, then `filter`, then the
 /// router to `upstream`; the same connection manager on an mTLS listener
@@ -356,15 +388,7 @@ pub fn sidecar_beside_ext_authz(
     filter: Value,
     upstream: SocketAddr,
 ) -> Value {
-    let ext_authz = json!({
-        "name": "envoy.filters.http.ext_authz",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-            "transport_api_version": "V3",
-            "failure_mode_allow": false,
-            "grpc_service": { "envoy_grpc": { "cluster_name": "opa" }, "timeout": "5s" }
-        }
-    });
+    let ext_authz = ext_authz_filter();
     let manager = || {
         hcm(
             "inbound",
@@ -385,21 +409,7 @@ pub fn sidecar_beside_ext_authz(
             "filter_chains": [{ "filters": [manager()] }]
         }),
     ];
-    let opa = json!({
-        "name": "opa",
-        "type": "STATIC",
-        "connect_timeout": "2s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": { "http2_protocol_options": {} }
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "opa",
-            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "pipe": { "path": opa_socket } } } }] }]
-        }
-    });
+    let opa = opa_cluster(opa_socket);
     bootstrap(
         "worker",
         json!({ "locality": { "region": "us-central1", "zone": "us-central1-a" }, "metadata": { "CLOUD": "gcp" } }),
