@@ -138,3 +138,69 @@ if [ ! -x "$OPA_ENVOY_OUT/opa-envoy-plugin" ] || [ "$(cat "$opa_envoy_stamp" 2>/
   echo "$opa_envoy_sum" > "$opa_envoy_stamp"
   echo "setup: opa-envoy-plugin $OPA_ENVOY_VERSION built in $((SECONDS - started)) s"
 fi
+
+# The real Kubernetes control plane and Istio, for the control-plane tier
+# (tests/tests/kube_apply.rs, istio_*.rs): etcd, kube-apiserver + kubectl and
+# istiod (pilot-discovery) + pilot-agent, each built from its own tools module
+# (tests/etcd, tests/k8s, tests/istio: their requirements conflict if merged;
+# go.sum committed) into target/e2e-bin; each rebuilt only when its go.sum
+# changes. Istio's CRDs and Envoy bootstrap template come from the same module.
+E2E_BIN="$ROOT/target/e2e-bin"
+K8S_VERSION=v1.37.2
+ISTIO_VERSION=v0.0.0-20260827124520-eed52ebb66ad
+GO="$(command -v go || true)"
+[ -z "$GO" ] && [ -x /usr/local/go/bin/go ] && GO=/usr/local/go/bin/go
+# tools_current <module>: whether target/e2e-bin holds the build of tests/<module>'s go.sum.
+tools_current() {
+  [ "$(cat "$E2E_BIN/.$1.go.sum.sha256" 2>/dev/null)" = "$(sha256sum "$ROOT/tests/$1/go.sum" | cut -d' ' -f1)" ]
+}
+tools_built() {
+  sha256sum "$ROOT/tests/$1/go.sum" | cut -d' ' -f1 > "$E2E_BIN/.$1.go.sum.sha256"
+}
+# go_build <module> <what> <minutes cold> <go build arguments...>: progress shown, log kept, time stated.
+go_build() {
+  local module="$1" what="$2" minutes="$3"; shift 3
+  if [ -z "$GO" ]; then
+    echo "setup: Go is missing, and the control-plane tests run $what built from source." >&2
+    echo "setup: install Go >= 1.26 (the go.dev tarball in /usr/local/go, or apt-get install golang-go) and run make again." >&2
+    exit 1
+  fi
+  echo "setup: building $what from tests/$module with $("$GO" version | cut -d' ' -f3); a cold build takes about $minutes min on 2 cores (measured on a fresh machine)"
+  mkdir -p "$E2E_BIN"
+  local log="$E2E_BIN/$module-build.log" started=$SECONDS
+  if ! (cd "$ROOT/tests/$module" && "$GO" mod download) >"$log" 2>&1; then
+    echo "setup: cannot download the modules of tests/$module (GOPROXY=$("$GO" env GOPROXY)); is the Go module proxy reachable?" >&2
+    tail -5 "$log" >&2
+    exit 1
+  fi
+  if ! (cd "$ROOT/tests/$module" && CGO_ENABLED=0 "$GO" build -v -trimpath "$@") 2>&1 \
+      | tee -a "$log" | awk -v m="$module" '{ n++ } n % 250 == 0 { printf "setup: %s build: %d packages compiled\n", m, n; fflush() }'; then
+    echo "setup: building $what failed; see $log" >&2
+    tail -20 "$log" >&2
+    exit 1
+  fi
+  echo "setup: $what built in $((SECONDS - started)) s"
+}
+if ! tools_current etcd; then
+  go_build etcd "etcd v3.7.3" 1 -ldflags "-s -w" -o "$E2E_BIN/etcd" go.etcd.io/etcd/server/v3
+  tools_built etcd
+fi
+if ! tools_current k8s; then
+  go_build k8s "kube-apiserver and kubectl $K8S_VERSION" 4 \
+    -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37" \
+    -o "$E2E_BIN/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
+  tools_built k8s
+fi
+if ! tools_current istio; then
+  # Upstream's build tags (Istio's Makefile.core.mk).
+  go_build istio "istiod (pilot-discovery) $ISTIO_VERSION" 3 \
+    -tags=vtprotobuf,disable_pgv -ldflags "-s -w" -o "$E2E_BIN/pilot-discovery" istio.io/istio/pilot/cmd/pilot-discovery
+  go_build istio "pilot-agent $ISTIO_VERSION" 1 \
+    -tags=agent,disable_pgv,grpcnotrace,retrynotrace -ldflags "-s -w" -o "$E2E_BIN/pilot-agent" istio.io/istio/pilot/cmd/pilot-agent
+  ISTIO_MODULE="$(cd "$ROOT/tests/istio" && "$GO" list -m -f '{{.Dir}}' istio.io/istio)"
+  mkdir -p "$E2E_BIN/istio"
+  for f in manifests/charts/base/files/crd-all.gen.yaml tools/packaging/common/envoy_bootstrap.json; do
+    install -m 0644 "$ISTIO_MODULE/$f" "$E2E_BIN/istio/$(basename "$f")"
+  done
+  tools_built istio
+fi
