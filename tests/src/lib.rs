@@ -12,6 +12,8 @@ pub mod envoy;
 pub mod filter;
 pub mod filter_fixture;
 pub mod http;
+pub mod istio;
+pub mod kube;
 pub mod mesh;
 pub mod pki;
 pub mod real_spire;
