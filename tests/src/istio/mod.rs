@@ -167,11 +167,15 @@ impl Istiod {
         self.dir.join("istiod.log")
     }
 
-    /// `GET path` on its HTTP port.
+    /// `GET path` on its HTTP port, from its own loopback (istiod answers
+    /// `/debug/*` unauthenticated only there, as to `kubectl port-forward`).
     pub async fn get(&self, path: &str) -> anyhow::Result<crate::http::HttpResponse> {
         let stream = self
             .site
-            .connect(SocketAddr::new(self.address, HTTP_PORT))
+            .connect(SocketAddr::new(
+                IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                HTTP_PORT,
+            ))
             .await?;
         Ok(crate::http::request_on(stream, "GET", path, &[]).await?)
     }
