@@ -29,32 +29,54 @@ use trustweave_e2e::mesh::{self, workload_uid};
 
 const SUBNET: u8 = 80;
 const ORCHESTRATOR: &str = "spiffe://aws.company.com/ns/ops/sa/orchestrator";
+const SEARCH_WORKER: &str = "spiffe://gcp.company.com/ns/search/sa/search-worker";
 
-/// A workload of this test: cloud index, name, namespace, service account, last octet.
+/// A proxy of this test: cloud index, name, namespace, service account, last octet, kind.
 struct Planned {
     cloud: usize,
     name: &'static str,
     namespace: &'static str,
     service_account: &'static str,
     host: u8,
+    kind: ProxyKind,
 }
 
-const CLOUDS: [(&str, &str); 1] = [("aws", "aws.company.com")];
-const WORKLOADS: [Planned; 2] = [
+const fn sidecar(
+    cloud: usize,
+    name: &'static str,
+    namespace: &'static str,
+    sa: &'static str,
+    host: u8,
+) -> Planned {
     Planned {
-        cloud: 0,
-        name: "collector",
-        namespace: "ops",
-        service_account: "collector",
-        host: 10,
-    },
+        cloud,
+        name,
+        namespace,
+        service_account: sa,
+        host,
+        kind: ProxyKind::Sidecar,
+    }
+}
+
+const fn gateway(cloud: usize) -> Planned {
     Planned {
-        cloud: 0,
-        name: "orchestrator",
-        namespace: "ops",
-        service_account: "orchestrator",
-        host: 20,
-    },
+        cloud,
+        name: "istio-eastwestgateway",
+        namespace: "istio-system",
+        service_account: cluster::GATEWAY_SERVICE_ACCOUNT,
+        host: mesh::hosts::GATEWAY,
+        kind: ProxyKind::Router,
+    }
+}
+
+/// Two clusters, multi-primary on two networks: the guide's aws and gcp.
+const CLOUDS: [(&str, &str); 2] = [("aws", "aws.company.com"), ("gcp", "gcp.company.com")];
+const PROXIES: [Planned; 5] = [
+    gateway(0),
+    gateway(1),
+    sidecar(0, "collector", "ops", "collector", 10),
+    sidecar(0, "orchestrator", "ops", "orchestrator", 20),
+    sidecar(1, "search", "search", "search-worker", 10),
 ];
 /// The control plane's last octet in each cloud.
 const CONTROL_PLANE: u8 = 5;
@@ -69,20 +91,21 @@ struct Running {
     _sds: Vec<NodeSds>,
     clusters: Vec<Cluster>,
     _apps: Vec<App>,
-    proxies: Vec<(Site, VmProxy)>,
+    /// Each proxy with its cloud's index and its site.
+    proxies: Vec<(usize, Site, VmProxy)>,
 }
 
 impl Running {
-    fn proxy(&self, name: &str) -> &(Site, VmProxy) {
+    fn proxy(&self, name: &str) -> &(usize, Site, VmProxy) {
         self.proxies
             .iter()
-            .find(|(_, p)| p.spec().name == name)
+            .find(|(_, _, p)| p.spec().name == name)
             .unwrap_or_else(|| panic!("no proxy {name}"))
     }
 
     /// `from`'s app calls `host` through its sidecar, asking for `action`.
     async fn call(&self, from: &str, host: &str, action: &str) -> (u16, String, Value) {
-        let (site, _) = self.proxy(from);
+        let (_, site, _) = self.proxy(from);
         let outbound = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), cluster::SERVICE_PORT);
         let stream = site
             .connect(outbound)
@@ -115,56 +138,72 @@ async fn start(dir: &Path) -> Running {
         names.push(format!("{cloud}-cp"));
         addresses.push(vec![ip(i, CONTROL_PLANE)]);
     }
-    for w in &WORKLOADS {
-        names.push(format!("{}-{}", CLOUDS[w.cloud].0, &w.name[..4]));
-        addresses.push(vec![ip(w.cloud, w.host)]);
+    for p in &PROXIES {
+        names.push(format!(
+            "{}-{}",
+            CLOUDS[p.cloud].0,
+            &p.name[..6.min(p.name.len())]
+        ));
+        addresses.push(vec![ip(p.cloud, p.host)]);
     }
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let namespaces = Namespaces::create(SUBNET, &name_refs, &addresses).expect("namespaces");
     let site = |i: usize| Site::Namespace(Arc::clone(&namespaces.clouds[i]));
+    let chmod = |path: &Path| {
+        std::fs::create_dir_all(path).expect("dir");
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .expect("chmod");
+    };
 
-    // SPIRE and the node's trustweave-sds per cloud, first: the socket must answer before pilot-agent starts.
+    // SPIRE per cloud, federated both ways; then each node's agent, entries
+    // and trustweave-sds, first: its socket must answer before pilot-agent starts.
     let mut spires = Vec::new();
+    for (i, (cloud, td)) in CLOUDS.iter().enumerate() {
+        chmod(&dir.join(cloud));
+        let host = mesh::address(SUBNET, i, mesh::hosts::SPIRE_SERVER);
+        spires.push(
+            CloudSpire::start(
+                &dir.join(cloud).join("spire"),
+                td,
+                SocketAddr::new(host, mesh::ports::SPIRE_SERVER),
+                SocketAddr::new(host, mesh::ports::BUNDLE_ENDPOINT),
+                Duration::from_secs(3600),
+            )
+            .await
+            .expect("spire-server"),
+        );
+    }
+    {
+        let (aws, gcp) = spires.split_at_mut(1);
+        aws[0]
+            .federate_with(&gcp[0])
+            .await
+            .expect("aws federates with gcp");
+        gcp[0]
+            .federate_with(&aws[0])
+            .await
+            .expect("gcp federates with aws");
+    }
     let mut sds = Vec::new();
     for (i, (cloud, td)) in CLOUDS.iter().enumerate() {
-        let cloud_dir = dir.join(cloud);
-        std::fs::create_dir_all(&cloud_dir).expect("dir");
-        std::fs::set_permissions(
-            &cloud_dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o711),
-        )
-        .expect("chmod");
-        let host = mesh::address(SUBNET, i, mesh::hosts::SPIRE_SERVER);
-        let mut spire = CloudSpire::start(
-            &cloud_dir.join("spire"),
-            td,
-            SocketAddr::new(host, mesh::ports::SPIRE_SERVER),
-            SocketAddr::new(host, mesh::ports::BUNDLE_ENDPOINT),
-            Duration::from_secs(3600),
-        )
-        .await
-        .expect("spire-server");
+        let spire = &mut spires[i];
         spire
             .start_agent(&node_sds::delegate_id(td), &node_sds::binary())
             .await
             .expect("spire-agent");
+        let peers: Vec<&str> = CLOUDS.iter().map(|c| c.1).filter(|t| t != td).collect();
         let mut uids = Vec::new();
-        for (k, w) in WORKLOADS.iter().enumerate().filter(|(_, w)| w.cloud == i) {
+        for (k, p) in PROXIES.iter().enumerate().filter(|(_, p)| p.cloud == i) {
             let uid = workload_uid(SUBNET, i, k);
             uids.push(uid);
-            let id = format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account);
+            let id = format!("spiffe://{td}/ns/{}/sa/{}", p.namespace, p.service_account);
             spire
-                .register(&id, &WorkloadSelector::Uid(uid), &[])
+                .register(&id, &WorkloadSelector::Uid(uid), &peers)
                 .await
                 .expect("entry");
         }
-        let node_dir = cloud_dir.join("node");
-        std::fs::create_dir_all(&node_dir).expect("dir");
-        std::fs::set_permissions(
-            &node_dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o711),
-        )
-        .expect("chmod");
+        let node_dir = dir.join(cloud).join("node");
+        chmod(&node_dir);
         sds.push(
             NodeSds::start(
                 &node_sds::binary(),
@@ -179,9 +218,9 @@ async fn start(dir: &Path) -> Running {
             .await
             .expect("trustweave-sds"),
         );
-        spires.push(spire);
     }
 
+    // The clusters, each reading the other's apiserver (multi-primary).
     let mut clusters = Vec::new();
     for (i, (cloud, _)) in CLOUDS.iter().enumerate() {
         clusters.push(
@@ -195,51 +234,69 @@ async fn start(dir: &Path) -> Running {
             .unwrap_or_else(|e| panic!("{cloud}'s cluster: {e:#}")),
         );
     }
+    for (i, here) in clusters.iter().enumerate() {
+        here.add_gateway(ip(i, mesh::hosts::GATEWAY))
+            .await
+            .unwrap_or_else(|e| panic!("{}'s gateway: {e:#}", here.cloud));
+        for remote in clusters.iter().filter(|c| c.cloud != here.cloud) {
+            here.add_remote(remote)
+                .await
+                .unwrap_or_else(|e| panic!("{} reads {}: {e:#}", here.cloud, remote.cloud));
+        }
+    }
 
     let wasm = trustweave_e2e::filter::wasm_path();
     let mut apps = Vec::new();
     let mut proxies = Vec::new();
-    for (k, w) in WORKLOADS.iter().enumerate() {
-        let cluster = &clusters[w.cloud];
-        let labels = Cluster::sidecar_labels(w.name);
-        let address = ip(w.cloud, w.host);
-        cluster
-            .add_workload(w.name, w.namespace, w.service_account, address, &labels)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e:#}", w.name));
+    for (k, p) in PROXIES.iter().enumerate() {
+        let cluster = &clusters[p.cloud];
+        let address = ip(p.cloud, p.host);
+        let labels = match p.kind {
+            ProxyKind::Router => cluster.gateway_labels(),
+            ProxyKind::Sidecar => {
+                let labels = Cluster::sidecar_labels(p.name);
+                cluster
+                    .add_workload(p.name, p.namespace, p.service_account, address, &labels)
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", p.name));
+                labels
+            }
+        };
         let vm_site = site(CLOUDS.len() + k);
-        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        apps.push(
-            App::start(
-                &vm_site,
-                SocketAddr::new(loopback, cluster::APP_PORT),
-                w.name,
-                SocketAddr::new(loopback, cluster::SERVICE_PORT),
-            )
-            .await,
-        );
+        if p.kind == ProxyKind::Sidecar {
+            let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            apps.push(
+                App::start(
+                    &vm_site,
+                    SocketAddr::new(loopback, cluster::APP_PORT),
+                    p.name,
+                    SocketAddr::new(loopback, cluster::SERVICE_PORT),
+                )
+                .await,
+            );
+        }
         let spec = VmSpec {
-            name: w.name.to_string(),
-            namespace: w.namespace.to_string(),
-            service_account: w.service_account.to_string(),
+            name: p.name.to_string(),
+            namespace: p.namespace.to_string(),
+            service_account: p.service_account.to_string(),
             labels,
             ip: address,
-            uid: workload_uid(SUBNET, w.cloud, k),
-            kind: ProxyKind::Sidecar,
+            uid: workload_uid(SUBNET, p.cloud, k),
+            kind: p.kind,
         };
-        let vm_dir = dir.join(CLOUDS[w.cloud].0).join(format!("vm-{}", w.name));
+        let vm_dir = dir.join(CLOUDS[p.cloud].0).join(format!("vm-{}", p.name));
         let proxy = VmProxy::start(
             &vm_site,
             &vm_dir,
             spec,
             &cluster.istiod,
             &cluster.kube,
-            sds[w.cloud].socket(),
+            sds[p.cloud].socket(),
             &wasm,
         )
         .await
-        .unwrap_or_else(|e| panic!("{}'s proxy: {e:#}", w.name));
-        proxies.push((vm_site, proxy));
+        .unwrap_or_else(|e| panic!("{}'s proxy: {e:#}", p.name));
+        proxies.push((p.cloud, vm_site, proxy));
     }
     Running {
         _namespaces: namespaces,
@@ -273,34 +330,43 @@ fn filter_names(dump: &Value) -> Vec<String> {
     names
 }
 
+/// The listener of `dump` named `name` (`0.0.0.0_15443`), as Envoy runs it.
+fn listener<'a>(dump: &'a Value, name: &str) -> Option<&'a Value> {
+    dump["configs"]
+        .as_array()?
+        .iter()
+        .filter_map(|c| c["dynamic_listeners"].as_array())
+        .flatten()
+        .find(|l| l["name"] == name)
+        .map(|l| &l["active_state"]["listener"])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn istiod_configures_vm_proxies_with_our_resources_and_trustweave_identities() {
-    let dir = tempfile::Builder::new()
+async fn two_clusters_multi_primary_with_istiod_configuring_our_filters_and_spire_identities() {
+    let tempdir = tempfile::Builder::new()
         .prefix("tw-istio-")
         .tempdir_in("/tmp")
         .expect("dir");
-    let running = start(dir.path()).await;
     // For a failure's post-mortem: TRUSTWEAVE_KEEP=1 keeps the directory (logs, config dumps).
-    let dir = if std::env::var_os("TRUSTWEAVE_KEEP").is_some() {
-        eprintln!("keeping {}", dir.path().display());
-        tempfile::TempDir::with_prefix_in("unused-", "/tmp")
-            .map(|t| {
-                let _ = dir.keep();
-                t
-            })
-            .expect("dir")
+    let (_guard, dir) = if std::env::var_os("TRUSTWEAVE_KEEP").is_some() {
+        let path = tempdir.keep();
+        eprintln!("keeping {}", path.display());
+        (None, path)
     } else {
-        dir
+        let path = tempdir.path().to_path_buf();
+        (Some(tempdir), path)
     };
+    let running = start(&dir).await;
 
-    for (_, proxy) in &running.proxies {
-        let name = &proxy.spec().name;
-        // The SVID in Envoy is SPIRE's (pilot-agent did not fall back to istiod's CA).
+    for (cloud, _, proxy) in &running.proxies {
+        let spec = proxy.spec();
+        let name = format!("{}/{}", CLOUDS[*cloud].0, spec.name);
+        // The SVID in Envoy is SPIRE's, of its cloud's trust domain (pilot-agent
+        // did not fall back to istiod's CA, whose trust domain is istiod's).
         let certs = proxy.admin_get("/certs").await.expect("/certs");
         let id = format!(
-            "spiffe://aws.company.com/ns/{}/sa/{}",
-            proxy.spec().namespace,
-            proxy.spec().service_account
+            "spiffe://{}/ns/{}/sa/{}",
+            CLOUDS[*cloud].1, spec.namespace, spec.service_account
         );
         assert!(certs.contains(&id), "{name}: {certs}");
         // Our resources are in what istiod sent.
@@ -311,29 +377,56 @@ async fn istiod_configures_vm_proxies_with_our_resources_and_trustweave_identiti
         )
         .expect("write");
         let names = filter_names(&dump);
-        // The network filter of envoyfilter-sidecar-network.yaml; the WasmPlugin as
-        // istiod names its ECDS resource (`extensions.istio.io/.../istio-system.wasmplugin-file~...`).
-        for expected in [
-            "envoy.filters.network.wasm",
-            "/istio-system.wasmplugin-file~",
-        ] {
-            assert!(
-                names.iter().any(|n| n.contains(expected)),
-                "{name}: no {expected} in config_dump: {names:?}"
-            );
-        }
         let text = dump.to_string();
-        assert!(text.contains("APPEND_FORWARD"), "{name}: no XFCC patch");
-        assert!(
-            text.contains("ON_DOWNSTREAM_DATA"),
-            "{name}: no tcp_proxy patch"
-        );
+        match spec.kind {
+            ProxyKind::Sidecar => {
+                // envoyfilter-sidecar-network.yaml's network filter; the WasmPlugin as istiod
+                // names its ECDS resource (`extensions.istio.io/.../istio-system.wasmplugin-file~...`);
+                // envoyfilter-sidecar-hcm.yaml's XFCC and the tcp_proxy patch.
+                for expected in [
+                    "envoy.filters.network.wasm",
+                    "/istio-system.wasmplugin-file~",
+                ] {
+                    assert!(
+                        names.iter().any(|n| n.contains(expected)),
+                        "{name}: no {expected} in config_dump: {names:?}"
+                    );
+                }
+                assert!(text.contains("APPEND_FORWARD"), "{name}: no XFCC patch");
+                assert!(
+                    text.contains("ON_DOWNSTREAM_DATA"),
+                    "{name}: no tcp_proxy patch"
+                );
+            }
+            ProxyKind::Router => {
+                // The AUTO_PASSTHROUGH listener with envoyfilter-gateway-sni.yaml's
+                // filter and envoyfilter-gateway-mss.yaml's TCP_MAXSEG.
+                let passthrough = listener(&dump, "0.0.0.0_15443")
+                    .unwrap_or_else(|| panic!("{name}: no 15443 listener: {names:?}"));
+                let listener_text = passthrough.to_string();
+                assert!(
+                    listener_text.contains("envoy.filters.network.wasm"),
+                    "{name}: {listener_text}"
+                );
+                assert!(
+                    listener_text.contains("sni_allowlist"),
+                    "{name}: {listener_text}"
+                );
+                assert!(
+                    passthrough["socket_options"]
+                        .as_array()
+                        .is_some_and(|o| o.iter().any(|o| o["int_value"] == "1300")),
+                    "{name}: no MSS clamp: {listener_text}"
+                );
+            }
+        }
         // Nothing rejected, by Envoy or as istiod saw it.
         assert_eq!(proxy.updates_rejected().await.expect("stats"), 0, "{name}");
     }
-    for cluster in &running.clusters {
+    for (i, cluster) in running.clusters.iter().enumerate() {
         let status = cluster.istiod.sync_status().await.expect("syncz");
-        assert_eq!(status.len(), running.proxies.len(), "{status:?}");
+        let local = running.proxies.iter().filter(|(c, _, _)| *c == i).count();
+        assert_eq!(status.len(), local, "{}: {status:?}", cluster.cloud);
         for proxy in &status {
             for (kind, state) in &proxy.types {
                 assert!(
@@ -345,7 +438,8 @@ async fn istiod_configures_vm_proxies_with_our_resources_and_trustweave_identiti
         }
     }
 
-    // The guide's calls: same trust domain allowed, the filter names the caller at the backend.
+    // The guide's calls, decided by trustweave-filter at the destination:
+    // within aws (same trust domain) ...
     let (status, text, body) = running
         .call("orchestrator", "collector.ops.svc.cluster.local", "collect")
         .await;
@@ -353,6 +447,32 @@ async fn istiod_configures_vm_proxies_with_our_resources_and_trustweave_identiti
     assert_eq!(
         body["headers"]["x-trustweave-caller"][0].as_str(),
         Some(ORCHESTRATOR),
+        "{body}"
+    );
+    // ... from aws to gcp through gcp's east-west gateway (istiod of aws learnt
+    // gcp's service and gateway through the remote secret): the filter at gcp
+    // sees the aws caller, and allows the workflow's action only.
+    let search = "search.search.svc.cluster.local";
+    let (status, text, body) = running.call("orchestrator", search, "search").await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        body["headers"]["x-trustweave-caller"][0].as_str(),
+        Some(ORCHESTRATOR),
+        "{body}"
+    );
+    for (from, action) in [("orchestrator", "delete"), ("collector", "search")] {
+        let (status, text, _) = running.call(from, search, action).await;
+        assert_eq!(status, 403, "{from} {action}: {text}");
+        assert_eq!(text, "RBAC: access denied", "{from} {action}");
+    }
+    // ... and back from gcp to aws through aws's gateway (health is open to every cloud).
+    let (status, text, body) = running
+        .call("search", "collector.ops.svc.cluster.local", "ping")
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        body["headers"]["x-trustweave-caller"][0].as_str(),
+        Some(SEARCH_WORKER),
         "{body}"
     );
 }

@@ -26,6 +26,11 @@ pub const SERVICE_PORT: u16 = 8080;
 /// Where the app listens, on the VM's loopback.
 pub const APP_PORT: u16 = 8081;
 
+/// The east-west gateway's service account (the `istio/gateway` chart's name).
+pub const GATEWAY_SERVICE_ACCOUNT: &str = "istio-eastwestgateway";
+/// The remote secret's reader (istioctl's name).
+const READER: &str = "istio-reader-service-account";
+
 /// Our `istio/` files a cluster of `cloud` gets (relative to `istio/`).
 pub fn install_files(cloud: &str) -> Vec<PathBuf> {
     let istio = Path::new(env!("CARGO_MANIFEST_DIR")).join("../istio");
@@ -123,6 +128,103 @@ impl Cluster {
                                         "hosts": ["*/*"]}]}}),
         ];
         self.apply_documents(&format!("workload-{namespace}-{name}"), &documents)
+            .await
+    }
+
+    /// The east-west gateway's Service (as the `istio/gateway` chart with our
+    /// `eastwest-gateway-<cloud>.yaml` values creates it) and service account;
+    /// its load balancer's address, which no cloud controller sets here, is
+    /// written into its status: that address is how the other clusters'
+    /// istiods learn where this network's gateway is.
+    pub async fn add_gateway(&self, ip: IpAddr) -> anyhow::Result<()> {
+        let network = &self.istiod.config.network;
+        let documents = [
+            json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                   "metadata": {"name": GATEWAY_SERVICE_ACCOUNT, "namespace": "istio-system"}}),
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "istio-eastwestgateway", "namespace": "istio-system",
+                                "labels": {"app": "istio-eastwestgateway", "istio": "eastwestgateway",
+                                           "topology.istio.io/network": network}},
+                   "spec": {"type": "LoadBalancer",
+                            "selector": {"app": "istio-eastwestgateway", "istio": "eastwestgateway"},
+                            "ports": [{"name": "status-port", "port": 15021, "targetPort": 15021},
+                                      {"name": "tls", "port": 15443, "targetPort": 15443}]}}),
+        ];
+        self.apply_documents("eastwest-gateway", &documents).await?;
+        let status = json!({"status": {"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}});
+        self.kube
+            .kubectl(&[
+                "patch",
+                "service",
+                "istio-eastwestgateway",
+                "-n",
+                "istio-system",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &status.to_string(),
+            ])
+            .await?;
+        Ok(())
+    }
+
+    /// The labels of the east-west gateway proxy (the chart's, and the file module's).
+    pub fn gateway_labels(&self) -> BTreeMap<String, String> {
+        [
+            ("app", "istio-eastwestgateway"),
+            ("istio", "eastwestgateway"),
+            (
+                "topology.istio.io/network",
+                self.istiod.config.network.as_str(),
+            ),
+            ("spiffe.io/spire-managed-identity", "true"),
+            ("trustweave.io/wasm-file", "true"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Lets this cluster's istiod read `remote`'s apiserver, as `istioctl
+    /// create-remote-secret` does: a read-only service account in `remote`
+    /// (`istio-reader-service-account`), and in this cluster a Secret labelled
+    /// `istio/multiCluster: "true"` holding a kubeconfig with its token, keyed
+    /// and annotated by `remote`'s cluster ID.
+    pub async fn add_remote(&self, remote: &Cluster) -> anyhow::Result<()> {
+        let reader = [
+            json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                   "metadata": {"name": READER, "namespace": "istio-system"}}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                   "metadata": {"name": "istio-reader-clusterrole-istio-system"},
+                   "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+                             {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}]}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                   "metadata": {"name": "istio-reader-clusterrole-istio-system"},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                               "name": "istio-reader-clusterrole-istio-system"},
+                   "subjects": [{"kind": "ServiceAccount", "name": READER, "namespace": "istio-system"}]}),
+        ];
+        remote.apply_documents("istio-reader", &reader).await?;
+        let token = remote
+            .kube
+            .kubectl(&[
+                "create",
+                "token",
+                READER,
+                "-n",
+                "istio-system",
+                "--duration",
+                "24h",
+            ])
+            .await?;
+        let id = &remote.istiod.config.cluster_id;
+        let secret = json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": format!("istio-remote-secret-{id}"), "namespace": "istio-system",
+                         "labels": {"istio/multiCluster": "true"},
+                         "annotations": {"networking.istio.io/cluster": id}},
+            "stringData": {id.as_str(): remote.kube.kubeconfig_for_token(token.trim())}});
+        self.apply_documents(&format!("remote-secret-{id}"), &[secret])
             .await
     }
 

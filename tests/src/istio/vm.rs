@@ -154,15 +154,19 @@ impl VmProxy {
         };
         let log = std::fs::File::create(dir.join("pilot-agent.log"))?;
         let script = r#"mount --bind "$1" /var/local && cd "$2" && exec setpriv --reuid "$3" --regid "$3" --clear-groups "$4" proxy "$5""#;
-        let child = site
-            .command("sh")
+        let mut command = site.command("sh");
+        command.env_clear();
+        if spec.kind == ProxyKind::Router {
+            // A gateway sees its own network's endpoints (our gateway values set it so).
+            command.env("ISTIO_META_REQUESTED_NETWORK_VIEW", &config.network);
+        }
+        let child = command
             .args(["-c", script, "sh"])
             .arg(dir.join("varlocal"))
             .arg(dir)
             .arg(spec.uid.to_string())
             .arg(kube::binary("pilot-agent")?)
             .arg(kind)
-            .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("HOME", dir)
             .env("POD_NAME", &spec.name)
