@@ -78,6 +78,10 @@ const PROXIES: [Planned; 5] = [
     sidecar(0, "orchestrator", "ops", "orchestrator", 20),
     sidecar(1, "search", "search", "search-worker", 10),
 ];
+/// The last octet of the VM added at run time.
+const LATE_HOST: u8 = 30;
+const PROCESSOR: &str = "spiffe://azure.company.com/ns/processing/sa/processor";
+
 /// The control plane's last octet in each cloud.
 const CONTROL_PLANE: u8 = 5;
 
@@ -87,7 +91,11 @@ fn ip(cloud: usize, host: u8) -> IpAddr {
 
 struct Running {
     _namespaces: Namespaces,
-    _spires: Vec<CloudSpire>,
+    spires: Vec<CloudSpire>,
+    /// Each proxy's SPIRE entry ID, in [`PROXIES`] order.
+    entries: Vec<String>,
+    /// The network namespace kept for the VM of the trust domain added at run time.
+    late_site: Site,
     _sds: Vec<NodeSds>,
     clusters: Vec<Cluster>,
     _apps: Vec<App>,
@@ -146,6 +154,9 @@ async fn start(dir: &Path) -> Running {
         ));
         addresses.push(vec![ip(p.cloud, p.host)]);
     }
+    // The VM of the trust domain added at run time (azure's processor, in the gcp cluster).
+    names.push("gcp-proces".to_string());
+    addresses.push(vec![ip(1, LATE_HOST)]);
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let namespaces = Namespaces::create(SUBNET, &name_refs, &addresses).expect("namespaces");
     let site = |i: usize| Site::Namespace(Arc::clone(&namespaces.clouds[i]));
@@ -185,6 +196,7 @@ async fn start(dir: &Path) -> Running {
             .expect("gcp federates with aws");
     }
     let mut sds = Vec::new();
+    let mut entries = vec![String::new(); PROXIES.len()];
     for (i, (cloud, td)) in CLOUDS.iter().enumerate() {
         let spire = &mut spires[i];
         spire
@@ -197,7 +209,7 @@ async fn start(dir: &Path) -> Running {
             let uid = workload_uid(SUBNET, i, k);
             uids.push(uid);
             let id = format!("spiffe://{td}/ns/{}/sa/{}", p.namespace, p.service_account);
-            spire
+            entries[k] = spire
                 .register(&id, &WorkloadSelector::Uid(uid), &peers)
                 .await
                 .expect("entry");
@@ -298,9 +310,12 @@ async fn start(dir: &Path) -> Running {
         .unwrap_or_else(|e| panic!("{}'s proxy: {e:#}", p.name));
         proxies.push((p.cloud, vm_site, proxy));
     }
+    let late_site = site(CLOUDS.len() + PROXIES.len());
     Running {
         _namespaces: namespaces,
-        _spires: spires,
+        spires,
+        entries,
+        late_site,
         _sds: sds,
         clusters,
         _apps: apps,
@@ -356,7 +371,7 @@ async fn two_clusters_multi_primary_with_istiod_configuring_our_filters_and_spir
         let path = tempdir.path().to_path_buf();
         (Some(tempdir), path)
     };
-    let running = start(&dir).await;
+    let mut running = start(&dir).await;
 
     for (cloud, _, proxy) in &running.proxies {
         let spec = proxy.spec();
@@ -475,4 +490,199 @@ async fn two_clusters_multi_primary_with_istiod_configuring_our_filters_and_spir
         Some(SEARCH_WORKER),
         "{body}"
     );
+
+    a_trust_domain_added_at_run_time(&mut running, &dir).await;
+}
+
+/// A third trust domain joins the running mesh: azure's SPIRE federates with
+/// gcp's, gcp's search entry federates with azure, and a workload of azure's
+/// trust domain (its own node, SPIRE agent and trustweave-sds) joins the gcp
+/// cluster. Nothing of istiod changes: trust comes from trustweave-sds
+/// (`ROOTCA` gains azure's bundle), not from istiod's `caCertificates`; calls
+/// *into* azure's workload pass Istio's server-SAN check only because our
+/// values list azure in `trustDomainAliases` (the SAN list istiod sends is
+/// asserted).
+async fn a_trust_domain_added_at_run_time(running: &mut Running, dir: &Path) {
+    let (td, uid) = ("azure.company.com", workload_uid(SUBNET, 2, 0));
+    let spire_host = mesh::address(SUBNET, 2, mesh::hosts::SPIRE_SERVER);
+    std::fs::create_dir_all(dir.join("azure/node")).expect("dir");
+    for sub in ["azure", "azure/node"] {
+        std::fs::set_permissions(
+            dir.join(sub),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .expect("chmod");
+    }
+    let mut azure = CloudSpire::start(
+        &dir.join("azure/spire"),
+        td,
+        SocketAddr::new(spire_host, mesh::ports::SPIRE_SERVER),
+        SocketAddr::new(spire_host, mesh::ports::BUNDLE_ENDPOINT),
+        Duration::from_secs(3600),
+    )
+    .await
+    .expect("azure's spire-server");
+    let gcp = &mut running.spires[1];
+    gcp.federate_with(&azure)
+        .await
+        .expect("gcp federates with azure");
+    azure
+        .federate_with(gcp)
+        .await
+        .expect("azure federates with gcp");
+    azure
+        .start_agent(&node_sds::delegate_id(td), &node_sds::binary())
+        .await
+        .expect("azure's spire-agent");
+    azure
+        .register(PROCESSOR, &WorkloadSelector::Uid(uid), &["gcp.company.com"])
+        .await
+        .expect("entry");
+    let sds = NodeSds::start(
+        &node_sds::binary(),
+        &dir.join("azure/node"),
+        &azure.admin_endpoint(),
+        SocketAddr::new(
+            mesh::address(SUBNET, 2, mesh::hosts::SDS),
+            mesh::ports::SDS_ADMIN,
+        ),
+        &[uid],
+    )
+    .await
+    .expect("azure's trustweave-sds");
+
+    // gcp's search federates with azure too: its Envoy's ROOTCA gains azure's CA, by SDS alone.
+    let search = PROXIES
+        .iter()
+        .position(|p| p.name == "search")
+        .expect("search");
+    entry_federates_with(
+        &running.spires[1],
+        &running.entries[search],
+        SEARCH_WORKER,
+        workload_uid(SUBNET, 1, search),
+        &["aws.company.com", td],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (_, _, search_proxy) = running.proxy("search");
+    trustweave_e2e::real_spire::wait_until_ok(Duration::from_secs(60), || async {
+        let certs = search_proxy.admin_get("/certs").await?;
+        anyhow::ensure!(
+            certs.contains("spiffe://azure.company.com"),
+            "no azure CA yet"
+        );
+        Ok(())
+    })
+    .await
+    .expect("azure's bundle reaches search's Envoy through SDS");
+    eprintln!(
+        "istio_mesh: azure's bundle in search's Envoy {} ms after the entry update (SPIRE's entry sync included)",
+        started.elapsed().as_millis()
+    );
+
+    // A workload of azure's trust domain joins the gcp cluster.
+    let gcp_cluster = &running.clusters[1];
+    let labels = Cluster::sidecar_labels("processor");
+    let address = ip(1, LATE_HOST);
+    gcp_cluster
+        .add_workload("processor", "processing", "processor", address, &labels)
+        .await
+        .expect("processor's resources");
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let app = App::start(
+        &running.late_site,
+        SocketAddr::new(loopback, cluster::APP_PORT),
+        "processor",
+        SocketAddr::new(loopback, cluster::SERVICE_PORT),
+    )
+    .await;
+    let spec = VmSpec {
+        name: "processor".to_string(),
+        namespace: "processing".to_string(),
+        service_account: "processor".to_string(),
+        labels,
+        ip: address,
+        uid,
+        kind: ProxyKind::Sidecar,
+    };
+    let proxy = VmProxy::start(
+        &running.late_site,
+        &dir.join("azure/vm-processor"),
+        spec,
+        &gcp_cluster.istiod,
+        &gcp_cluster.kube,
+        sds.socket(),
+        &trustweave_e2e::filter::wasm_path(),
+    )
+    .await
+    .expect("processor's proxy");
+    let certs = proxy.admin_get("/certs").await.expect("/certs");
+    assert!(certs.contains(PROCESSOR), "{certs}");
+    running._apps.push(app);
+    running.proxies.push((1, running.late_site.clone(), proxy));
+
+    // From azure into gcp: the filter at search sees azure's caller.
+    let (status, text, body) = running
+        .call("processor", "search.search.svc.cluster.local", "ping")
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        body["headers"]["x-trustweave-caller"][0].as_str(),
+        Some(PROCESSOR),
+        "{body}"
+    );
+    // From gcp into azure's workload: Istio checks the server's SAN against the
+    // service account in istiod's trust domain and each alias.
+    let (_, _, search_proxy) = running.proxy("search");
+    let dump = search_proxy
+        .config_dump()
+        .await
+        .expect("config_dump")
+        .to_string();
+    let processor_cluster = dump
+        .find("outbound|8080||processor.processing.svc.cluster.local")
+        .expect("search's Envoy has processor's cluster");
+    assert!(
+        dump[processor_cluster..].contains(PROCESSOR),
+        "the SAN list istiod sends for processor has no azure identity"
+    );
+    let (status, text, body) = running
+        .call("search", "processor.processing.svc.cluster.local", "ping")
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        body["headers"]["x-trustweave-caller"][0].as_str(),
+        Some(SEARCH_WORKER),
+        "{body}"
+    );
+    drop((azure, sds));
+}
+
+/// `spire-server entry update` of entry `id`: the same workload, federated with `trust_domains`.
+async fn entry_federates_with(
+    spire: &CloudSpire,
+    id: &str,
+    spiffe_id: &str,
+    uid: u32,
+    trust_domains: &[&str],
+) {
+    let parent = trustweave_e2e::mesh::spire::agent_id(spire.trust_domain());
+    let selector = WorkloadSelector::Uid(uid).selector();
+    let mut args = vec![
+        "entry",
+        "update",
+        "-entryID",
+        id,
+        "-parentID",
+        &parent,
+        "-spiffeID",
+        spiffe_id,
+        "-selector",
+        &selector,
+    ];
+    for td in trust_domains {
+        args.extend(["-federatesWith", td]);
+    }
+    spire.server.cli(&args).await.expect("entry update");
 }
