@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENVOY_BIN = $(shell scripts/envoy-bin.sh)
 export ENVOY_BIN
 
-.PHONY: setup demo test lint build wasm bench bench-filter bench-sds bench-instructions fuzz-smoke fuzz
+.PHONY: setup demo demo-istio test lint build wasm bench bench-filter bench-sds bench-instructions fuzz-smoke fuzz
 
 setup:
 	@scripts/setup.sh
@@ -31,6 +31,12 @@ wasm: setup
 ## keeps running until Ctrl-C (`./target/debug/trustweave-demo --once` exits after the report).
 demo: build
 	./target/debug/trustweave-demo
+
+## The same mesh with the real Istio control plane (aws and gcp multi-primary: kube-apiserver,
+## istiod, pilot-agent VM proxies, each in its own network namespace; needs root), with the
+## control plane's view added; `./target/debug/trustweave-demo-istio --once` exits after the report.
+demo-istio: build
+	./target/debug/trustweave-demo-istio
 
 ## Every test: format, lints, unit tests, SDS protocol and real-Envoy end-to-end tests,
 ## and the offline validation of manifests/ and istio/.

@@ -14,6 +14,7 @@
 //! theirs from SPIRE.
 
 pub mod cluster;
+pub mod mesh;
 pub mod vm;
 
 use std::net::{IpAddr, SocketAddr};

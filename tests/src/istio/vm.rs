@@ -141,7 +141,13 @@ impl VmProxy {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let envoy = crate::envoy::runnable_by_others(&crate::envoy::binary());
+        let envoy = crate::envoy::binary();
+        anyhow::ensure!(
+            envoy.is_absolute() && envoy.exists(),
+            "ENVOY_BIN must name Envoy's binary (scripts/envoy-bin.sh prints it; make sets it), not {}",
+            envoy.display()
+        );
+        let envoy = crate::envoy::runnable_by_others(&envoy);
         let proxy_config = json!({
             "discoveryAddress": istiod.xds_addr().to_string(),
             "binaryPath": envoy,
