@@ -57,6 +57,20 @@ fn filter_names(dump: &Value) -> Vec<String> {
     names
 }
 
+/// Connections a gateway opened to `host`'s endpoints through its
+/// AUTO_PASSTHROUGH (SNI-routed) cluster, from its `/clusters` host counters
+/// (Istio's stats inclusion list hides listener and cluster stats).
+async fn passthrough_connections(gateway: &VmProxy, host: &str) -> u64 {
+    let clusters = gateway.admin_get("/clusters").await.expect("/clusters");
+    let prefix = format!("outbound_.8080_._.{host}::");
+    clusters
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.split_once("::cx_total::"))
+        .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
+        .sum()
+}
+
 /// The listener of `dump` named `name` (`0.0.0.0_15443`), as Envoy runs it.
 fn listener<'a>(dump: &'a Value, name: &str) -> Option<&'a Value> {
     dump["configs"]
@@ -183,11 +197,22 @@ async fn two_clusters_multi_primary_with_istiod_configuring_our_filters_and_spir
     // gcp's service and gateway through the remote secret): the filter at gcp
     // sees the aws caller, and allows the workflow's action only.
     let search = "search.search.svc.cluster.local";
+    let gcp_gateway = &running
+        .proxies
+        .iter()
+        .find(|(cloud, _, p)| *cloud == 1 && p.spec().kind == ProxyKind::Router)
+        .expect("gcp's gateway")
+        .2;
+    let before = passthrough_connections(gcp_gateway, search).await;
     let (status, text, body) = running
         .call("orchestrator", search, "search")
         .await
         .expect("call");
     assert_eq!(status, 200, "{text}");
+    assert!(
+        passthrough_connections(gcp_gateway, search).await > before,
+        "the call did not pass gcp's gateway"
+    );
     assert_eq!(
         body["headers"]["x-trustweave-caller"][0].as_str(),
         Some(ORCHESTRATOR),
