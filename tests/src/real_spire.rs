@@ -316,6 +316,20 @@ plugins {{
     /// and the agent re-issues its SVID at its next sync, whatever the old
     /// SVID's age (`cache::UpdateEntries` marks a changed revision stale).
     pub async fn reissue_entry(&self, id: &str) -> anyhow::Result<()> {
+        self.update_entry(id, None).await
+    }
+
+    /// Updates the entry `id` to federate with `trust_domains` (its other fields unchanged).
+    pub async fn set_entry_federation(
+        &self,
+        id: &str,
+        trust_domains: &[&str],
+    ) -> anyhow::Result<()> {
+        self.update_entry(id, Some(trust_domains)).await
+    }
+
+    /// `entry update` of `id` with its own fields, `federates_with` replaced when given.
+    async fn update_entry(&self, id: &str, federates_with: Option<&[&str]>) -> anyhow::Result<()> {
         let out = self
             .cli(&["entry", "show", "-entryID", id, "-output", "json"])
             .await?;
@@ -336,12 +350,15 @@ plugins {{
             .flatten()
             .filter_map(|s| Some(format!("{}:{}", s["type"].as_str()?, s["value"].as_str()?)))
             .collect();
-        let federates_with: Vec<&str> = entry["federates_with"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|td| td.as_str())
-            .collect();
+        let federates_with: Vec<&str> = match federates_with {
+            Some(given) => given.to_vec(),
+            None => entry["federates_with"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|td| td.as_str())
+                .collect(),
+        };
         let mut args = vec![
             "entry",
             "update",

@@ -57,6 +57,17 @@ fn filter_names(dump: &Value) -> Vec<String> {
     names
 }
 
+/// `from` calls `host` for `action`: allowed, and the filter at the backend named `caller`.
+async fn assert_allowed(running: &IstioMesh, from: &str, host: &str, action: &str, caller: &str) {
+    let (status, text, body) = running.call(from, host, action).await.expect("call");
+    assert_eq!(status, 200, "{from} → {host} {action}: {text}");
+    assert_eq!(
+        body["headers"]["x-trustweave-caller"][0].as_str(),
+        Some(caller),
+        "{from} → {host} {action}: {body}"
+    );
+}
+
 /// Connections a gateway opened to `host`'s endpoints through its
 /// AUTO_PASSTHROUGH (SNI-routed) cluster, from its `/clusters` host counters
 /// (Istio's stats inclusion list hides listener and cluster stats).
@@ -183,16 +194,14 @@ async fn two_clusters_multi_primary_with_istiod_configuring_our_filters_and_spir
 
     // The guide's calls, decided by trustweave-filter at the destination:
     // within aws (same trust domain) ...
-    let (status, text, body) = running
-        .call("orchestrator", "collector.ops.svc.cluster.local", "collect")
-        .await
-        .expect("call");
-    assert_eq!(status, 200, "{text}");
-    assert_eq!(
-        body["headers"]["x-trustweave-caller"][0].as_str(),
-        Some(ORCHESTRATOR),
-        "{body}"
-    );
+    assert_allowed(
+        &running,
+        "orchestrator",
+        "collector.ops.svc.cluster.local",
+        "collect",
+        ORCHESTRATOR,
+    )
+    .await;
     // ... from aws to gcp through gcp's east-west gateway (istiod of aws learnt
     // gcp's service and gateway through the remote secret): the filter at gcp
     // sees the aws caller, and allows the workflow's action only.
@@ -204,19 +213,10 @@ async fn two_clusters_multi_primary_with_istiod_configuring_our_filters_and_spir
         .expect("gcp's gateway")
         .2;
     let before = passthrough_connections(gcp_gateway, search).await;
-    let (status, text, body) = running
-        .call("orchestrator", search, "search")
-        .await
-        .expect("call");
-    assert_eq!(status, 200, "{text}");
+    assert_allowed(&running, "orchestrator", search, "search", ORCHESTRATOR).await;
     assert!(
         passthrough_connections(gcp_gateway, search).await > before,
         "the call did not pass gcp's gateway"
-    );
-    assert_eq!(
-        body["headers"]["x-trustweave-caller"][0].as_str(),
-        Some(ORCHESTRATOR),
-        "{body}"
     );
     for (from, action) in [("orchestrator", "delete"), ("collector", "search")] {
         let (status, text, _) = running.call(from, search, action).await.expect("call");
@@ -224,16 +224,14 @@ async fn two_clusters_multi_primary_with_istiod_configuring_our_filters_and_spir
         assert_eq!(text, "RBAC: access denied", "{from} {action}");
     }
     // ... and back from gcp to aws through aws's gateway (health is open to every cloud).
-    let (status, text, body) = running
-        .call("search", "collector.ops.svc.cluster.local", "ping")
-        .await
-        .expect("call");
-    assert_eq!(status, 200, "{text}");
-    assert_eq!(
-        body["headers"]["x-trustweave-caller"][0].as_str(),
-        Some(SEARCH_WORKER),
-        "{body}"
-    );
+    assert_allowed(
+        &running,
+        "search",
+        "collector.ops.svc.cluster.local",
+        "ping",
+        SEARCH_WORKER,
+    )
+    .await;
 
     a_trust_domain_added_at_run_time(&mut running, &dir).await;
 }
@@ -300,14 +298,11 @@ async fn a_trust_domain_added_at_run_time(running: &mut IstioMesh, dir: &Path) {
         .iter()
         .position(|p| p.name == "search")
         .expect("search");
-    entry_federates_with(
-        &running.spires[1],
-        &running.entries[search],
-        SEARCH_WORKER,
-        workload_uid(SUBNET, 1, search),
-        &["aws.company.com", td],
-    )
-    .await;
+    running.spires[1]
+        .server
+        .set_entry_federation(&running.entries[search], &["aws.company.com", td])
+        .await
+        .expect("entry update");
     let started = std::time::Instant::now();
     let (_, _, search_proxy) = running.proxy("search").expect("search");
     trustweave_e2e::real_spire::wait_until_ok(Duration::from_secs(60), || async {
@@ -367,16 +362,14 @@ async fn a_trust_domain_added_at_run_time(running: &mut IstioMesh, dir: &Path) {
     running.proxies.push((1, running.late_site.clone(), proxy));
 
     // From azure into gcp: the filter at search sees azure's caller.
-    let (status, text, body) = running
-        .call("processor", "search.search.svc.cluster.local", "ping")
-        .await
-        .expect("call");
-    assert_eq!(status, 200, "{text}");
-    assert_eq!(
-        body["headers"]["x-trustweave-caller"][0].as_str(),
-        Some(PROCESSOR),
-        "{body}"
-    );
+    assert_allowed(
+        running,
+        "processor",
+        "search.search.svc.cluster.local",
+        "ping",
+        PROCESSOR,
+    )
+    .await;
     // From gcp into azure's workload: Istio checks the server's SAN against the
     // service account in istiod's trust domain and each alias.
     let (_, _, search_proxy) = running.proxy("search").expect("search");
@@ -392,43 +385,13 @@ async fn a_trust_domain_added_at_run_time(running: &mut IstioMesh, dir: &Path) {
         dump[processor_cluster..].contains(PROCESSOR),
         "the SAN list istiod sends for processor has no azure identity"
     );
-    let (status, text, body) = running
-        .call("search", "processor.processing.svc.cluster.local", "ping")
-        .await
-        .expect("call");
-    assert_eq!(status, 200, "{text}");
-    assert_eq!(
-        body["headers"]["x-trustweave-caller"][0].as_str(),
-        Some(SEARCH_WORKER),
-        "{body}"
-    );
+    assert_allowed(
+        running,
+        "search",
+        "processor.processing.svc.cluster.local",
+        "ping",
+        SEARCH_WORKER,
+    )
+    .await;
     drop((azure, sds));
-}
-
-/// `spire-server entry update` of entry `id`: the same workload, federated with `trust_domains`.
-async fn entry_federates_with(
-    spire: &CloudSpire,
-    id: &str,
-    spiffe_id: &str,
-    uid: u32,
-    trust_domains: &[&str],
-) {
-    let parent = trustweave_e2e::mesh::spire::agent_id(spire.trust_domain());
-    let selector = WorkloadSelector::Uid(uid).selector();
-    let mut args = vec![
-        "entry",
-        "update",
-        "-entryID",
-        id,
-        "-parentID",
-        &parent,
-        "-spiffeID",
-        spiffe_id,
-        "-selector",
-        &selector,
-    ];
-    for td in trust_domains {
-        args.extend(["-federatesWith", td]);
-    }
-    spire.server.cli(&args).await.expect("entry update");
 }
