@@ -5,8 +5,9 @@
 //! each in its own network namespace, as its own user).
 //!
 //! Prints the identities each Envoy holds (from trustweave-sds, not istiod),
-//! the guide's calls with what the filter decided and the caller it saw, and
-//! the control plane's view (`istioctl proxy-status`-like, from each istiod's
+//! the guide's calls with what the filter decided and the caller it saw, each
+//! federation's first refresh and what each node's trustweave-sds serves (as
+//! `make demo` does), and the control plane's view (`istioctl proxy-status`-like, from each istiod's
 //! `/debug/syncz`). `--once` exits after the report; otherwise it keeps
 //! running and says how to call into it. Needs root.
 
@@ -18,6 +19,7 @@ use clap::Parser;
 use serde_json::Value;
 use trustweave_e2e::istio::mesh::IstioMesh;
 use trustweave_e2e::mesh::app::ACTION_HEADER;
+use trustweave_e2e::mesh::node_sds;
 
 /// The guide's mesh on the real Istio control plane, with a report.
 #[derive(Parser, Debug)]
@@ -103,6 +105,35 @@ async fn main() -> anyhow::Result<()> {
             caller,
             begin.elapsed().as_secs_f64() * 1000.0
         );
+    }
+
+    step("Federation: `spire-server federation refresh` of each peer's bundle endpoint (https_spiffe)");
+    for (cluster, spire) in mesh.clusters.iter().zip(&mesh.spires) {
+        for refresh in &spire.refreshes {
+            println!(
+                "  {:<4} ← {:<17} {:<28} {}",
+                cluster.cloud,
+                refresh.trust_domain,
+                refresh.url,
+                match &refresh.result {
+                    Ok(()) => "refreshed".to_string(),
+                    Err(e) => format!("FAILED: {e}"),
+                }
+            );
+        }
+    }
+
+    step("What each node's trustweave-sds serves its Envoys (trustweave-sds inspect --workloads)");
+    for (cluster, sds) in mesh.clusters.iter().zip(&mesh.sds) {
+        println!("  [{}]", cluster.cloud);
+        let inspect = tokio::process::Command::new(node_sds::binary())
+            .args(["inspect", "--workloads", "--admin-addr"])
+            .arg(sds.admin().to_string())
+            .output()
+            .await?;
+        for line in String::from_utf8_lossy(&inspect.stdout).lines() {
+            println!("    {line}");
+        }
     }
 
     step(
