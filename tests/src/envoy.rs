@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::process::Child;
 
-use crate::http::{self, HttpResponse};
+use crate::http::HttpResponse;
 use crate::mesh::netns::Site;
 use crate::wait::wait_until;
 
@@ -163,8 +163,7 @@ impl Envoy {
 
     /// GET on the admin endpoint.
     pub async fn admin_request(&self, path: &str) -> std::io::Result<HttpResponse> {
-        let stream = self.site.connect(self.admin).await?;
-        http::request_on(stream, "GET", path, &[]).await
+        self.site.request(self.admin, "GET", path, &[]).await
     }
 
     /// GET on the admin endpoint; returns the body.

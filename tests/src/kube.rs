@@ -63,7 +63,6 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 pub struct ControlPlane {
     site: Site,
     address: IpAddr,
-    dir: PathBuf,
     kubeconfig: PathBuf,
     serving_cert_pem: String,
     _etcd: Child,
@@ -90,7 +89,6 @@ impl ControlPlane {
         let plane = Self {
             site: site.clone(),
             address,
-            dir: dir.to_path_buf(),
             kubeconfig,
             serving_cert_pem,
             _etcd: etcd,
@@ -122,11 +120,6 @@ impl ControlPlane {
     /// A kubeconfig for `token` (a service account's, say), as a remote secret carries it.
     pub fn kubeconfig_for_token(&self, token: &str) -> String {
         kubeconfig_yaml(&self.url(), &self.serving_cert_pem, token)
-    }
-
-    /// Where its files are.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Runs `kubectl args` against it (in its site); standard output, or an

@@ -13,27 +13,18 @@
 //!
 //! Needs root (network namespaces, users); `make test` runs as root in CI.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use trustweave_e2e::istio::cluster::{self, Cluster};
-use trustweave_e2e::istio::mesh::{IstioMesh, CLOUDS, LATE_HOST, PROXIES};
-use trustweave_e2e::istio::vm::{ProxyKind, VmProxy, VmSpec};
-use trustweave_e2e::mesh::app::App;
-use trustweave_e2e::mesh::node_sds::{self, NodeSds};
-use trustweave_e2e::mesh::spire::{CloudSpire, WorkloadSelector};
-use trustweave_e2e::mesh::{self, workload_uid};
+use trustweave_e2e::istio::mesh::{start_node, start_spire, IstioMesh, CLOUDS, PROXIES};
+use trustweave_e2e::istio::vm::{ProxyKind, VmProxy};
+use trustweave_e2e::mesh::workload_uid;
 
 const SUBNET: u8 = 80;
-const PROCESSOR: &str = "spiffe://azure.company.com/ns/processing/sa/processor";
-
-fn ip(cloud: usize, host: u8) -> IpAddr {
-    trustweave_e2e::istio::mesh::ip(SUBNET, cloud, host)
-}
 const ORCHESTRATOR: &str = "spiffe://aws.company.com/ns/ops/sa/orchestrator";
 const SEARCH_WORKER: &str = "spiffe://gcp.company.com/ns/search/sa/search-worker";
+const PROCESSOR: &str = "spiffe://azure.company.com/ns/processing/sa/processor";
 
 /// Every listener, cluster and extension config name in a config dump, with
 /// every filter name under them: what istiod sent, flattened for searching.
@@ -246,24 +237,9 @@ async fn two_clusters_multi_primary_with_istiod_configuring_our_filters_and_spir
 /// asserted).
 async fn a_trust_domain_added_at_run_time(running: &mut IstioMesh, dir: &Path) {
     let (td, uid) = ("azure.company.com", workload_uid(SUBNET, 2, 0));
-    let spire_host = mesh::address(SUBNET, 2, mesh::hosts::SPIRE_SERVER);
-    std::fs::create_dir_all(dir.join("azure/node")).expect("dir");
-    for sub in ["azure", "azure/node"] {
-        std::fs::set_permissions(
-            dir.join(sub),
-            std::os::unix::fs::PermissionsExt::from_mode(0o711),
-        )
-        .expect("chmod");
-    }
-    let mut azure = CloudSpire::start(
-        &dir.join("azure/spire"),
-        td,
-        SocketAddr::new(spire_host, mesh::ports::SPIRE_SERVER),
-        SocketAddr::new(spire_host, mesh::ports::BUNDLE_ENDPOINT),
-        Duration::from_secs(3600),
-    )
-    .await
-    .expect("azure's spire-server");
+    let mut azure = start_spire(dir, SUBNET, 2, "azure", td)
+        .await
+        .expect("azure's spire-server");
     let gcp = &mut running.spires[1];
     gcp.federate_with(&azure)
         .await
@@ -272,26 +248,17 @@ async fn a_trust_domain_added_at_run_time(running: &mut IstioMesh, dir: &Path) {
         .federate_with(gcp)
         .await
         .expect("azure federates with gcp");
-    azure
-        .start_agent(&node_sds::delegate_id(td), &node_sds::binary())
-        .await
-        .expect("azure's spire-agent");
-    azure
-        .register(PROCESSOR, &WorkloadSelector::Uid(uid), &["gcp.company.com"])
-        .await
-        .expect("entry");
-    let sds = NodeSds::start(
-        &node_sds::binary(),
-        &dir.join("azure/node"),
-        &azure.admin_endpoint(),
-        SocketAddr::new(
-            mesh::address(SUBNET, 2, mesh::hosts::SDS),
-            mesh::ports::SDS_ADMIN,
-        ),
-        &[uid],
+    let (_, sds) = start_node(
+        dir,
+        SUBNET,
+        2,
+        "azure",
+        &mut azure,
+        &[(PROCESSOR.to_string(), uid)],
+        &["gcp.company.com"],
     )
     .await
-    .expect("azure's trustweave-sds");
+    .expect("azure's node");
 
     // gcp's search federates with azure too: its Envoy's ROOTCA gains azure's CA, by SDS alone.
     let search = PROXIES
@@ -321,45 +288,12 @@ async fn a_trust_domain_added_at_run_time(running: &mut IstioMesh, dir: &Path) {
     );
 
     // A workload of azure's trust domain joins the gcp cluster.
-    let gcp_cluster = &running.clusters[1];
-    let labels = Cluster::sidecar_labels("processor");
-    let address = ip(1, LATE_HOST);
-    gcp_cluster
-        .add_workload("processor", "processing", "processor", address, &labels)
+    let proxy = running
+        .add_late_vm(uid, &dir.join("azure/vm-processor"), sds.socket())
         .await
-        .expect("processor's resources");
-    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let app = App::start(
-        &running.late_site,
-        SocketAddr::new(loopback, cluster::APP_PORT),
-        "processor",
-        SocketAddr::new(loopback, cluster::SERVICE_PORT),
-    )
-    .await;
-    let spec = VmSpec {
-        name: "processor".to_string(),
-        namespace: "processing".to_string(),
-        service_account: "processor".to_string(),
-        labels,
-        ip: address,
-        uid,
-        kind: ProxyKind::Sidecar,
-    };
-    let proxy = VmProxy::start(
-        &running.late_site,
-        &dir.join("azure/vm-processor"),
-        spec,
-        &gcp_cluster.istiod,
-        &gcp_cluster.kube,
-        sds.socket(),
-        &trustweave_e2e::filter::wasm_path(),
-    )
-    .await
-    .expect("processor's proxy");
+        .expect("processor's proxy");
     let certs = proxy.admin_get("/certs").await.expect("/certs");
     assert!(certs.contains(PROCESSOR), "{certs}");
-    running.apps.push(app);
-    running.proxies.push((1, running.late_site.clone(), proxy));
 
     // From azure into gcp: the filter at search sees azure's caller.
     assert_allowed(

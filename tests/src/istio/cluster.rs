@@ -31,7 +31,7 @@ pub const GATEWAY_SERVICE_ACCOUNT: &str = "istio-eastwestgateway";
 /// The remote secret's reader (istioctl's name).
 const READER: &str = "istio-reader-service-account";
 
-/// Our `istio/` files a cluster of `cloud` gets (relative to `istio/`).
+/// Our `istio/` files a cluster of `cloud` gets, in the order they are applied.
 pub fn install_files(cloud: &str) -> Vec<PathBuf> {
     let istio = Path::new(env!("CARGO_MANIFEST_DIR")).join("../istio");
     let mut files = vec![istio.join(format!("namespace-istio-system-{cloud}.yaml"))];

@@ -22,25 +22,25 @@ use crate::mesh::node_sds::{self, NodeSds};
 use crate::mesh::spire::{CloudSpire, WorkloadSelector};
 use crate::mesh::{self, workload_uid};
 
-/// A proxy of the mesh: its cloud (index into [`CLOUDS`]), name, namespace,
-/// service account, last octet of its address, kind.
+/// A proxy of the mesh.
 #[derive(Clone, Copy, Debug)]
 pub struct Planned {
-    #[allow(missing_docs)]
+    /// The cluster it joins (index into [`CLOUDS`]).
     pub cloud: usize,
-    #[allow(missing_docs)]
+    /// Workload name (also its Service's).
     pub name: &'static str,
-    #[allow(missing_docs)]
+    /// Kubernetes namespace.
     pub namespace: &'static str,
-    #[allow(missing_docs)]
+    /// Service account.
     pub service_account: &'static str,
-    #[allow(missing_docs)]
+    /// Last octet of its address.
     pub host: u8,
-    #[allow(missing_docs)]
+    /// Sidecar or gateway.
     pub kind: ProxyKind,
 }
 
-const fn sidecar(
+/// A sidecar VM of cluster `cloud`.
+pub const fn sidecar(
     cloud: usize,
     name: &'static str,
     namespace: &'static str,
@@ -78,8 +78,10 @@ pub const PROXIES: [Planned; 5] = [
     sidecar(0, "orchestrator", "ops", "orchestrator", 20),
     sidecar(1, "search", "search", "search-worker", 10),
 ];
-/// The last octet of the VM added at run time.
-pub const LATE_HOST: u8 = 30;
+/// The VM of the trust domain added at run time (azure's processor, in the
+/// gcp cluster): its network namespace is made with the others, it starts
+/// with [`IstioMesh::add_late_vm`].
+pub const LATE_VM: Planned = sidecar(1, "processor", "processing", "processor", 30);
 
 /// The control plane's last octet in each cloud.
 pub const CONTROL_PLANE: u8 = 5;
@@ -131,18 +133,15 @@ impl IstioMesh {
     pub async fn call(&self, from: &str, host: &str, action: &str) -> anyhow::Result<Answer> {
         let (_, site, _) = self.proxy(from)?;
         let outbound = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), cluster::SERVICE_PORT);
-        let stream = site
-            .connect(outbound)
+        let response = site
+            .request(
+                outbound,
+                "GET",
+                "/",
+                &[("host", host), (ACTION_HEADER, action)],
+            )
             .await
-            .with_context(|| format!("{from}'s sidecar egress listener"))?;
-        let response = crate::http::request_on(
-            stream,
-            "GET",
-            "/",
-            &[("host", host), (ACTION_HEADER, action)],
-        )
-        .await
-        .with_context(|| format!("{from} → {host}"))?;
+            .with_context(|| format!("{from} → {host} through its sidecar"))?;
         let body = serde_json::from_str(&response.body).unwrap_or(Value::Null);
         Ok((response.status, response.body, body))
     }
@@ -166,7 +165,8 @@ impl IstioMesh {
             names.push(format!("{cloud}-cp"));
             addresses.push(vec![ip(i, CONTROL_PLANE)]);
         }
-        for p in &PROXIES {
+        // The last one is kept for the VM added at run time.
+        for p in PROXIES.iter().chain([&LATE_VM]) {
             names.push(format!(
                 "{}-{}",
                 CLOUDS[p.cloud].0,
@@ -174,37 +174,16 @@ impl IstioMesh {
             ));
             addresses.push(vec![ip(p.cloud, p.host)]);
         }
-        // The VM of the trust domain added at run time (azure's processor, in the gcp cluster).
-        names.push("gcp-proces".to_string());
-        addresses.push(vec![ip(1, LATE_HOST)]);
         let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let namespaces =
             Namespaces::create(subnet, &name_refs, &addresses).context("namespaces")?;
         let site = |i: usize| Site::Namespace(Arc::clone(&namespaces.clouds[i]));
-        // VM users reach the sockets below: directories they may pass through.
-        let chmod = |path: &Path| -> anyhow::Result<()> {
-            std::fs::create_dir_all(path)?;
-            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o711))
-                .with_context(|| path.display().to_string())
-        };
 
         // SPIRE per cloud, federated both ways; then each node's agent, entries
         // and trustweave-sds, first: its socket must answer before pilot-agent starts.
         let mut spires = Vec::new();
         for (i, (cloud, td)) in CLOUDS.iter().enumerate() {
-            chmod(&dir.join(cloud))?;
-            let host = mesh::address(subnet, i, mesh::hosts::SPIRE_SERVER);
-            spires.push(
-                CloudSpire::start(
-                    &dir.join(cloud).join("spire"),
-                    td,
-                    SocketAddr::new(host, mesh::ports::SPIRE_SERVER),
-                    SocketAddr::new(host, mesh::ports::BUNDLE_ENDPOINT),
-                    Duration::from_secs(3600),
-                )
-                .await
-                .context("spire-server")?,
-            );
+            spires.push(start_spire(dir, subnet, i, cloud, td).await?);
         }
         {
             let (aws, gcp) = spires.split_at_mut(1);
@@ -220,38 +199,22 @@ impl IstioMesh {
         let mut sds = Vec::new();
         let mut entries = vec![String::new(); PROXIES.len()];
         for (i, (cloud, td)) in CLOUDS.iter().enumerate() {
-            let spire = &mut spires[i];
-            spire
-                .start_agent(&node_sds::delegate_id(td), &node_sds::binary())
-                .await
-                .context("spire-agent")?;
             let peers: Vec<&str> = CLOUDS.iter().map(|c| c.1).filter(|t| t != td).collect();
-            let mut uids = Vec::new();
-            for (k, p) in PROXIES.iter().enumerate().filter(|(_, p)| p.cloud == i) {
-                let uid = workload_uid(subnet, i, k);
-                uids.push(uid);
-                let id = format!("spiffe://{td}/ns/{}/sa/{}", p.namespace, p.service_account);
-                entries[k] = spire
-                    .register(&id, &WorkloadSelector::Uid(uid), &peers)
-                    .await
-                    .context("entry")?;
+            let (indices, workloads): (Vec<usize>, Vec<(String, u32)>) = PROXIES
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.cloud == i)
+                .map(|(k, p)| {
+                    let id = format!("spiffe://{td}/ns/{}/sa/{}", p.namespace, p.service_account);
+                    (k, (id, workload_uid(subnet, i, k)))
+                })
+                .unzip();
+            let (ids, node) =
+                start_node(dir, subnet, i, cloud, &mut spires[i], &workloads, &peers).await?;
+            for (k, id) in indices.into_iter().zip(ids) {
+                entries[k] = id;
             }
-            let node_dir = dir.join(cloud).join("node");
-            chmod(&node_dir)?;
-            sds.push(
-                NodeSds::start(
-                    &node_sds::binary(),
-                    &node_dir,
-                    &spire.admin_endpoint(),
-                    SocketAddr::new(
-                        mesh::address(subnet, i, mesh::hosts::SDS),
-                        mesh::ports::SDS_ADMIN,
-                    ),
-                    &uids,
-                )
-                .await
-                .context("trustweave-sds")?,
-            );
+            sds.push(node);
         }
 
         // The clusters, each reading the other's apiserver (multi-primary).
@@ -279,57 +242,21 @@ impl IstioMesh {
             }
         }
 
-        let wasm = crate::filter::wasm_path();
         let mut apps = Vec::new();
         let mut proxies = Vec::new();
         for (k, p) in PROXIES.iter().enumerate() {
-            let cluster = &clusters[p.cloud];
-            let address = ip(p.cloud, p.host);
-            let labels = match p.kind {
-                ProxyKind::Router => cluster.gateway_labels(),
-                ProxyKind::Sidecar => {
-                    let labels = Cluster::sidecar_labels(p.name);
-                    cluster
-                        .add_workload(p.name, p.namespace, p.service_account, address, &labels)
-                        .await
-                        .context(p.name)?;
-                    labels
-                }
-            };
             let vm_site = site(CLOUDS.len() + k);
-            if p.kind == ProxyKind::Sidecar {
-                let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
-                apps.push(
-                    App::start(
-                        &vm_site,
-                        SocketAddr::new(loopback, cluster::APP_PORT),
-                        p.name,
-                        SocketAddr::new(loopback, cluster::SERVICE_PORT),
-                    )
-                    .await,
-                );
-            }
-            let spec = VmSpec {
-                name: p.name.to_string(),
-                namespace: p.namespace.to_string(),
-                service_account: p.service_account.to_string(),
-                labels,
-                ip: address,
-                uid: workload_uid(subnet, p.cloud, k),
-                kind: p.kind,
-            };
-            let vm_dir = dir.join(CLOUDS[p.cloud].0).join(format!("vm-{}", p.name));
-            let proxy = VmProxy::start(
+            let (app, proxy) = start_vm(
+                &clusters[p.cloud],
+                p,
                 &vm_site,
-                &vm_dir,
-                spec,
-                &cluster.istiod,
-                &cluster.kube,
+                ip(p.cloud, p.host),
+                workload_uid(subnet, p.cloud, k),
+                &dir.join(CLOUDS[p.cloud].0).join(format!("vm-{}", p.name)),
                 sds[p.cloud].socket(),
-                &wasm,
             )
-            .await
-            .with_context(|| format!("{}'s proxy", p.name))?;
+            .await?;
+            apps.extend(app);
             proxies.push((p.cloud, vm_site, proxy));
         }
         let late_site = site(CLOUDS.len() + PROXIES.len());
@@ -345,4 +272,163 @@ impl IstioMesh {
             proxies,
         })
     }
+}
+
+impl IstioMesh {
+    /// Starts [`LATE_VM`] in its cluster, in the network namespace kept for it,
+    /// as `uid`, its files in `vm_dir`, certificates from `sds_socket` (a node
+    /// of another trust domain, say); returns its proxy.
+    pub async fn add_late_vm(
+        &mut self,
+        uid: u32,
+        vm_dir: &Path,
+        sds_socket: &Path,
+    ) -> anyhow::Result<&VmProxy> {
+        let (app, proxy) = start_vm(
+            &self.clusters[LATE_VM.cloud],
+            &LATE_VM,
+            &self.late_site,
+            self.ip(LATE_VM.cloud, LATE_VM.host),
+            uid,
+            vm_dir,
+            sds_socket,
+        )
+        .await?;
+        self.apps.extend(app);
+        self.proxies
+            .push((LATE_VM.cloud, self.late_site.clone(), proxy));
+        Ok(&self.proxies[self.proxies.len() - 1].2)
+    }
+}
+
+/// Makes `path` a directory VM users may pass through (they reach sockets below it).
+fn passable_dir(path: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+        .with_context(|| path.display().to_string())
+}
+
+/// Starts the SPIRE server of trust domain `td` for the cloud `name` (slot
+/// `cloud` of the host-side addresses `127.<subnet>.<cloud + 1>.*`), its files
+/// in `<dir>/<name>/spire`.
+pub async fn start_spire(
+    dir: &Path,
+    subnet: u8,
+    cloud: usize,
+    name: &str,
+    td: &str,
+) -> anyhow::Result<CloudSpire> {
+    passable_dir(&dir.join(name))?;
+    let host = mesh::address(subnet, cloud, mesh::hosts::SPIRE_SERVER);
+    CloudSpire::start(
+        &dir.join(name).join("spire"),
+        td,
+        SocketAddr::new(host, mesh::ports::SPIRE_SERVER),
+        SocketAddr::new(host, mesh::ports::BUNDLE_ENDPOINT),
+        Duration::from_secs(3600),
+    )
+    .await
+    .with_context(|| format!("{name}'s spire-server"))
+}
+
+/// Starts the node of `spire`'s cloud `name`: its agent, an entry per
+/// `(SPIFFE ID, uid)` of `workloads` federated with `peers`, and the node's
+/// trustweave-sds (its socket open to those users, files in
+/// `<dir>/<name>/node`). Returns the entry IDs, in `workloads` order, and the
+/// trustweave-sds.
+pub async fn start_node(
+    dir: &Path,
+    subnet: u8,
+    cloud: usize,
+    name: &str,
+    spire: &mut CloudSpire,
+    workloads: &[(String, u32)],
+    peers: &[&str],
+) -> anyhow::Result<(Vec<String>, NodeSds)> {
+    let td = spire.trust_domain().to_string();
+    spire
+        .start_agent(&node_sds::delegate_id(&td), &node_sds::binary())
+        .await
+        .with_context(|| format!("{name}'s spire-agent"))?;
+    let mut entries = Vec::new();
+    for (id, uid) in workloads {
+        entries.push(
+            spire
+                .register(id, &WorkloadSelector::Uid(*uid), peers)
+                .await
+                .with_context(|| format!("the entry of {id}"))?,
+        );
+    }
+    let node_dir = dir.join(name).join("node");
+    passable_dir(&node_dir)?;
+    let uids: Vec<u32> = workloads.iter().map(|(_, uid)| *uid).collect();
+    let sds = NodeSds::start(
+        &node_sds::binary(),
+        &node_dir,
+        &spire.admin_endpoint(),
+        SocketAddr::new(
+            mesh::address(subnet, cloud, mesh::hosts::SDS),
+            mesh::ports::SDS_ADMIN,
+        ),
+        &uids,
+    )
+    .await
+    .with_context(|| format!("{name}'s trustweave-sds"))?;
+    Ok((entries, sds))
+}
+
+/// Registers the VM `planned` in `cluster` (a sidecar's Service, WorkloadEntry
+/// and Sidecar; a gateway's resources are the cluster's own) and starts it in
+/// `site` at `address` as `uid`, its files in `vm_dir`, certificates from
+/// `sds_socket`; a sidecar's app too.
+pub async fn start_vm(
+    cluster: &Cluster,
+    planned: &Planned,
+    site: &Site,
+    address: IpAddr,
+    uid: u32,
+    vm_dir: &Path,
+    sds_socket: &Path,
+) -> anyhow::Result<(Option<App>, VmProxy)> {
+    let p = planned;
+    let (labels, app) = match p.kind {
+        ProxyKind::Router => (cluster.gateway_labels(), None),
+        ProxyKind::Sidecar => {
+            let labels = Cluster::sidecar_labels(p.name);
+            cluster
+                .add_workload(p.name, p.namespace, p.service_account, address, &labels)
+                .await
+                .with_context(|| format!("{}'s resources", p.name))?;
+            let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let app = App::start(
+                site,
+                SocketAddr::new(loopback, cluster::APP_PORT),
+                p.name,
+                SocketAddr::new(loopback, cluster::SERVICE_PORT),
+            )
+            .await;
+            (labels, Some(app))
+        }
+    };
+    let spec = VmSpec {
+        name: p.name.to_string(),
+        namespace: p.namespace.to_string(),
+        service_account: p.service_account.to_string(),
+        labels,
+        ip: address,
+        uid,
+        kind: p.kind,
+    };
+    let proxy = VmProxy::start(
+        site,
+        vm_dir,
+        spec,
+        &cluster.istiod,
+        &cluster.kube,
+        sds_socket,
+        &crate::filter::wasm_path(),
+    )
+    .await
+    .with_context(|| format!("{}'s proxy", p.name))?;
+    Ok((app, proxy))
 }

@@ -88,7 +88,8 @@ pub struct Istiod {
     dir: PathBuf,
     /// Its configuration.
     pub config: IstiodConfig,
-    child: Option<Child>,
+    root_cert: String,
+    _child: Child,
 }
 
 impl Istiod {
@@ -114,7 +115,7 @@ impl Istiod {
             .arg("discovery")
             .arg(format!("--kubeconfig={}", kube.kubeconfig().display()))
             .arg(format!("--meshConfig={}", mesh_file.display()))
-            .arg(format!("--grpcAddr=:{}", 15010))
+            .arg("--grpcAddr=:15010")
             .arg(format!("--secureGRPCAddr=:{XDS_PORT}"))
             .arg(format!("--httpAddr=:{HTTP_PORT}"))
             .arg("--httpsAddr=:15017")
@@ -139,12 +140,13 @@ impl Istiod {
             .kill_on_drop(true)
             .spawn()
             .context("run pilot-discovery")?;
-        let istiod = Self {
+        let mut istiod = Self {
             site: site.clone(),
             address,
             dir: dir.to_path_buf(),
             config,
-            child: Some(child),
+            root_cert: String::new(),
+            _child: child,
         };
         crate::real_spire::wait_until_ok(Duration::from_secs(90), || async {
             let response = istiod.get("/ready").await?;
@@ -155,7 +157,24 @@ impl Istiod {
         })
         .await
         .with_context(|| format!("istiod not ready; see {}", istiod.log_path().display()))?;
+        // Its CA root, from the ConfigMap it writes into each namespace (as VM onboarding reads it).
+        istiod.root_cert = crate::real_spire::wait_until_ok(Duration::from_secs(60), || async {
+            let map = kube
+                .get_json(&["configmap", "istio-ca-root-cert", "-n", "istio-system"])
+                .await?;
+            map["data"]["root-cert.pem"]
+                .as_str()
+                .map(str::to_string)
+                .context("no root-cert.pem")
+        })
+        .await
+        .context("istiod wrote no istio-ca-root-cert")?;
         Ok(istiod)
+    }
+
+    /// Its CA's root (PEM): what a proxy verifies the xDS connection with.
+    pub fn root_cert(&self) -> &str {
+        &self.root_cert
     }
 
     /// Its xDS address (TLS).
@@ -171,14 +190,8 @@ impl Istiod {
     /// `GET path` on its HTTP port, from its own loopback (istiod answers
     /// `/debug/*` unauthenticated only there, as to `kubectl port-forward`).
     pub async fn get(&self, path: &str) -> anyhow::Result<crate::http::HttpResponse> {
-        let stream = self
-            .site
-            .connect(SocketAddr::new(
-                IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-                HTTP_PORT,
-            ))
-            .await?;
-        Ok(crate::http::request_on(stream, "GET", path, &[]).await?)
+        let loopback = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), HTTP_PORT);
+        Ok(self.site.request(loopback, "GET", path, &[]).await?)
     }
 
     /// What istiod knows of each connected proxy's xDS state (`/debug/syncz`):
@@ -189,13 +202,6 @@ impl Istiod {
             bail!("/debug/syncz: {} {}", response.status, response.body);
         }
         parse_syncz(&response.body)
-    }
-
-    /// Whether it still runs.
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 

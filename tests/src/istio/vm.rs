@@ -125,7 +125,7 @@ impl VmProxy {
         std::fs::write(dir.join("var/run/secrets/tokens/istio-token"), token.trim())?;
         std::fs::write(
             dir.join("var/run/secrets/istio/root-cert.pem"),
-            istiod_root(kube).await?,
+            istiod.root_cert(),
         )?;
         std::fs::copy(
             kube::istio_bootstrap_template()?,
@@ -136,11 +136,6 @@ impl VmProxy {
         chown_tree(dir, spec.uid)?;
 
         let config = &istiod.config;
-        let labels: BTreeMap<&str, &str> = spec
-            .labels
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
         let envoy = crate::envoy::binary();
         anyhow::ensure!(
             envoy.is_absolute() && envoy.exists(),
@@ -151,7 +146,7 @@ impl VmProxy {
         let proxy_config = json!({
             "discoveryAddress": istiod.xds_addr().to_string(),
             "binaryPath": envoy,
-            // The one Envoy on this VM: no hot restart shared memory with the others.
+            // One worker thread: every VM's Envoy shares this machine's cores.
             "concurrency": 1,
         });
         let kind = match spec.kind {
@@ -183,7 +178,10 @@ impl VmProxy {
             .env("ISTIO_META_NETWORK", &config.network)
             .env("ISTIO_META_MESH_ID", "trustweave-mesh")
             .env("ISTIO_META_WORKLOAD_NAME", &spec.name)
-            .env("ISTIO_METAJSON_LABELS", serde_json::to_string(&labels)?)
+            .env(
+                "ISTIO_METAJSON_LABELS",
+                serde_json::to_string(&spec.labels)?,
+            )
             .env("CANONICAL_SERVICE", &spec.name)
             .env("ISTIOD_SAN", super::ISTIOD_SAN)
             .env("PROXY_CONFIG", proxy_config.to_string())
@@ -221,11 +219,11 @@ impl VmProxy {
     }
 
     async fn ready(&self) -> anyhow::Result<()> {
-        let stream = self
+        let ready = SocketAddr::new(self.spec.ip, READY_PORT);
+        let response = self
             .site
-            .connect(SocketAddr::new(self.spec.ip, READY_PORT))
+            .request(ready, "GET", "/healthz/ready", &[])
             .await?;
-        let response = crate::http::request_on(stream, "GET", "/healthz/ready", &[]).await?;
         if response.status != 200 {
             bail!("/healthz/ready: {} {}", response.status, response.body);
         }
@@ -244,11 +242,8 @@ impl VmProxy {
 
     /// `GET path` on its Envoy's admin endpoint.
     pub async fn admin_get(&self, path: &str) -> anyhow::Result<String> {
-        let stream = self
-            .site
-            .connect(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ADMIN_PORT))
-            .await?;
-        let response = crate::http::request_on(stream, "GET", path, &[]).await?;
+        let admin = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ADMIN_PORT);
+        let response = self.site.request(admin, "GET", path, &[]).await?;
         if response.status != 200 {
             bail!("admin {path}: {}", response.status);
         }
@@ -270,21 +265,6 @@ impl VmProxy {
             .filter_map(|(_, value)| value.trim().parse::<u64>().ok())
             .sum())
     }
-}
-
-/// istiod's CA root, from the ConfigMap it writes into each namespace (as VM onboarding reads it).
-async fn istiod_root(kube: &ControlPlane) -> anyhow::Result<String> {
-    crate::real_spire::wait_until_ok(Duration::from_secs(60), || async {
-        let map = kube
-            .get_json(&["configmap", "istio-ca-root-cert", "-n", "istio-system"])
-            .await?;
-        map["data"]["root-cert.pem"]
-            .as_str()
-            .map(str::to_string)
-            .context("no root-cert.pem")
-    })
-    .await
-    .context("istiod wrote no istio-ca-root-cert")
 }
 
 fn chown_tree(dir: &Path, uid: u32) -> anyhow::Result<()> {

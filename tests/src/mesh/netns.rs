@@ -157,6 +157,18 @@ impl Site {
         }
     }
 
+    /// A body-less HTTP request to `addr` from inside this site's network;
+    /// the whole response (see [`crate::http::request`]).
+    pub async fn request(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<crate::http::HttpResponse> {
+        crate::http::request_on(self.connect(addr).await?, method, path, headers).await
+    }
+
     /// A command that runs `program` in this site's network.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         match self {
