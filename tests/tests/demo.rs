@@ -7,17 +7,18 @@
 /// The two demos run one after the other (each is a whole mesh; 2 cores).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-#[tokio::test]
-async fn the_cross_cloud_demo_prints_its_report() {
+/// Runs a demo binary with `--once` in a directory of its own on `subnet`;
+/// its report, after checking it succeeded and holds every `expected` line.
+async fn report_holds(binary: &str, subnet: &str, expected: &[&str]) {
     let _turn = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::Builder::new()
         .prefix("tw-demo-")
         .tempdir_in("/tmp")
         .expect("dir");
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_trustweave-demo"))
+    let output = tokio::process::Command::new(binary)
         .arg("--dir")
         .arg(dir.path())
-        .args(["--subnet", "73", "--once"])
+        .args(["--subnet", subnet, "--once"])
         .output()
         .await
         .expect("run the demo");
@@ -27,22 +28,7 @@ async fn the_cross_cloud_demo_prints_its_report() {
         "{text}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    for expected in [
-        "aws/orchestrator → gcp/search      search         allowed (200)",
-        "aws/orchestrator → gcp/search      process        denied (403)",
-        "onprem/legacy → gcp/search         ping           refused at handshake (503)",
-        "caller        spiffe://azure.company.com/ns/processing/sa/processor",
-        "trustweave.hops=gcp:us-central1>azure:eastus>aws:us-east-1",
-        "spans at the OTLP receiver from collector.aws, orchestrator.aws, processor.azure, search.gcp",
-        "Starting the mesh: spire-server 1.13.3",
-        "bundle endpoint https://127.73.2.2:8443",
-        "aws    ← gcp.company.com     https://127.73.2.2:8443      refreshed",
-        "onprem ← nobody",
-        "default: spiffe://gcp.company.com/ns/search/sa/search-worker",
-        "trusts:  aws.company.com, azure.company.com, gcp.company.com",
-        "trusts:  onprem.company.com",
-        "demo complete",
-    ] {
+    for expected in expected {
         assert!(
             text.contains(expected),
             "{expected:?} missing from:\n{text}"
@@ -50,40 +36,47 @@ async fn the_cross_cloud_demo_prints_its_report() {
     }
 }
 
+#[tokio::test]
+async fn the_cross_cloud_demo_prints_its_report() {
+    report_holds(
+        env!("CARGO_BIN_EXE_trustweave-demo"),
+        "73",
+        &[
+            "aws/orchestrator → gcp/search      search         allowed (200)",
+            "aws/orchestrator → gcp/search      process        denied (403)",
+            "onprem/legacy → gcp/search         ping           refused at handshake (503)",
+            "caller        spiffe://azure.company.com/ns/processing/sa/processor",
+            "trustweave.hops=gcp:us-central1>azure:eastus>aws:us-east-1",
+            "spans at the OTLP receiver from collector.aws, orchestrator.aws, processor.azure, search.gcp",
+            "Starting the mesh: spire-server 1.13.3",
+            "bundle endpoint https://127.73.2.2:8443",
+            "aws    ← gcp.company.com     https://127.73.2.2:8443      refreshed",
+            "onprem ← nobody",
+            "default: spiffe://gcp.company.com/ns/search/sa/search-worker",
+            "trusts:  aws.company.com, azure.company.com, gcp.company.com",
+            "trusts:  onprem.company.com",
+            "demo complete",
+        ],
+    )
+    .await;
+}
+
 /// `make demo-istio` keeps working (as root, as CI runs): the multi-primary
 /// mesh on the real Istio control plane to its report, with each istiod's view.
 #[tokio::test]
 async fn the_istio_demo_prints_its_report_with_the_control_plane_view() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::Builder::new()
-        .prefix("tw-demo-istio-")
-        .tempdir_in("/tmp")
-        .expect("dir");
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_trustweave-demo-istio"))
-        .arg("--dir")
-        .arg(dir.path())
-        .args(["--subnet", "79", "--once"])
-        .output()
-        .await
-        .expect("run the demo");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    for expected in [
-        "aws  cluster eks-us-east-1    network network-aws",
-        "orchestrator → search.search.svc.cluster.local     search   allowed (200)    spiffe://aws.company.com/ns/ops/sa/orchestrator",
-        "orchestrator → search.search.svc.cluster.local     delete   denied (403)",
-        "aws  ← gcp.company.com   https://127.79.2.2:8443      refreshed",
-        "default: spiffe://gcp.company.com/ns/search/sa/search-worker",
-        "trusts:  aws.company.com, gcp.company.com",
-        "gke-us-central1  search.search                          CDS SYNCED, ECDS SYNCED, EDS SYNCED, LDS SYNCED, RDS SYNCED",
-    ] {
-        assert!(
-            text.contains(expected),
-            "{expected:?} missing from:\n{text}"
-        );
-    }
+    report_holds(
+        env!("CARGO_BIN_EXE_trustweave-demo-istio"),
+        "79",
+        &[
+            "aws  cluster eks-us-east-1    network network-aws",
+            "orchestrator → search.search.svc.cluster.local     search   allowed (200)    spiffe://aws.company.com/ns/ops/sa/orchestrator",
+            "orchestrator → search.search.svc.cluster.local     delete   denied (403)",
+            "aws    ← gcp.company.com     https://127.79.2.2:8443      refreshed",
+            "default: spiffe://gcp.company.com/ns/search/sa/search-worker",
+            "trusts:  aws.company.com, gcp.company.com",
+            "gke-us-central1  search.search                          CDS SYNCED, ECDS SYNCED, EDS SYNCED, LDS SYNCED, RDS SYNCED",
+        ],
+    )
+    .await;
 }

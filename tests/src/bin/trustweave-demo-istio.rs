@@ -19,7 +19,7 @@ use clap::Parser;
 use serde_json::Value;
 use trustweave_e2e::istio::mesh::IstioMesh;
 use trustweave_e2e::mesh::app::ACTION_HEADER;
-use trustweave_e2e::mesh::node_sds;
+use trustweave_e2e::mesh::{node_sds, report};
 
 /// The guide's mesh on the real Istio control plane, with a report.
 #[derive(Parser, Debug)]
@@ -109,31 +109,12 @@ async fn main() -> anyhow::Result<()> {
 
     step("Federation: `spire-server federation refresh` of each peer's bundle endpoint (https_spiffe)");
     for (cluster, spire) in mesh.clusters.iter().zip(&mesh.spires) {
-        for refresh in &spire.refreshes {
-            println!(
-                "  {:<4} ← {:<17} {:<28} {}",
-                cluster.cloud,
-                refresh.trust_domain,
-                refresh.url,
-                match &refresh.result {
-                    Ok(()) => "refreshed".to_string(),
-                    Err(e) => format!("FAILED: {e}"),
-                }
-            );
-        }
+        report::print_federation(&cluster.cloud, spire);
     }
 
     step("What each node's trustweave-sds serves its Envoys (trustweave-sds inspect --workloads)");
     for (cluster, sds) in mesh.clusters.iter().zip(&mesh.sds) {
-        println!("  [{}]", cluster.cloud);
-        let inspect = tokio::process::Command::new(node_sds::binary())
-            .args(["inspect", "--workloads", "--admin-addr"])
-            .arg(sds.admin().to_string())
-            .output()
-            .await?;
-        for line in String::from_utf8_lossy(&inspect.stdout).lines() {
-            println!("    {line}");
-        }
+        report::print_inspect(&node_sds::binary(), &cluster.cloud, sds.admin()).await?;
     }
 
     step(

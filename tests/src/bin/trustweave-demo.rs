@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use serde_json::Value;
-use tokio::process::Command;
-use trustweave_e2e::mesh::{ports, Call, Mesh, MeshOptions};
+use trustweave_e2e::mesh::{ports, report, Call, Mesh, MeshOptions};
 
 /// The cross-cloud mesh on one machine, with a report.
 #[derive(Parser, Debug)]
@@ -169,34 +168,12 @@ async fn main() -> anyhow::Result<()> {
 
     step("Federation: `spire-server federation refresh` of each peer's bundle endpoint (https_spiffe)");
     for cloud in &mesh.clouds {
-        if cloud.spire.refreshes.is_empty() {
-            println!("  {:<6} ← nobody", cloud.plan.name);
-        }
-        for refresh in &cloud.spire.refreshes {
-            println!(
-                "  {:<6} ← {:<19} {:<28} {}",
-                cloud.plan.name,
-                refresh.trust_domain,
-                refresh.url,
-                match &refresh.result {
-                    Ok(()) => "refreshed".to_string(),
-                    Err(e) => format!("FAILED: {e}"),
-                }
-            );
-        }
+        report::print_federation(cloud.plan.name, &cloud.spire);
     }
 
     step("What each node's trustweave-sds serves its Envoys (trustweave-sds inspect --workloads)");
     for cloud in &mesh.clouds {
-        println!("  [{}]", cloud.plan.name);
-        let inspect = Command::new(&mesh.options.sds_bin)
-            .args(["inspect", "--workloads", "--admin-addr"])
-            .arg(cloud.sds.admin().to_string())
-            .output()
-            .await?;
-        for line in String::from_utf8_lossy(&inspect.stdout).lines() {
-            println!("    {line}");
-        }
+        report::print_inspect(&mesh.options.sds_bin, cloud.plan.name, cloud.sds.admin()).await?;
     }
 
     if !args.once {

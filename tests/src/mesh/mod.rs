@@ -21,6 +21,7 @@ pub mod doctor;
 pub mod netns;
 pub mod node_sds;
 pub mod otlp;
+pub mod report;
 pub mod spire;
 
 use std::fs::Permissions;
@@ -33,7 +34,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::envoy::Envoy;
-use crate::http::{self, HttpResponse};
+use crate::http::HttpResponse;
 use app::App;
 use bootstrap::Route;
 use netns::{Namespaces, NetNs, Site};
@@ -652,8 +653,10 @@ impl Mesh {
         let source = cloud.workload(workload);
         let mut headers = vec![("host", host), (app::ACTION_HEADER, action)];
         headers.extend_from_slice(extra);
-        let stream = cloud.site.connect(source.outbound).await?;
-        let response = http::request_on(stream, "GET", "/", &headers).await?;
+        let response = cloud
+            .site
+            .request(source.outbound, "GET", "/", &headers)
+            .await?;
         let body = serde_json::from_str(&response.body).unwrap_or(Value::Null);
         Ok(Call {
             status: response.status,
